@@ -1,0 +1,45 @@
+# addsr-pl: AddSR (adversarial diffusion distillation for blind SR) on PyTorch Lightning + Hydra.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch pins for these machines; the package itself only asks for a range (setup.cfg).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.install.stamp: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.install.stamp ## create .venv when missing and install the package with its dev extras
+
+test: install ## run the test suite (tiny models, CPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the test suite without the slow cases
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+demo: install ## the main job on its embedded default (tiny models, CPU)
+	$(PY) -m addsr_pl.demo
+
+clean: ## remove caches and outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache outputs multirun build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+.PHONY: help install test test-fast lint format demo clean
