@@ -1,0 +1,151 @@
+"""The few-step student sampler with prediction-based self-refinement (PSR, paper Sec. 3.3).
+
+`sample_student` is the one sampler of the project: the training unroll of `AddSRModule`, the
+evaluation suite and the upscaling CLI all call it, so what is trained is what is run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from addsr_pl.models.conditioning import Conditioning, Representer
+
+
+def _per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """values[t] shaped to broadcast over a [B, ...] tensor of `ndim` dimensions."""
+    return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Eq. 1: z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, with a timestep per sample."""
+    alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(z0.dtype)
+    return alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+
+
+def predict_x0(z_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Eq. 4: x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), with a timestep per sample."""
+    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(z_t.dtype)
+    return (z_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def psr_control(x0_image: Tensor, lr_up: Tensor, psr_weight: float) -> Tensor:
+    """The next step's control image: the decoded prediction blended with the upscaled LR."""
+    return psr_weight * x0_image + (1 - psr_weight) * lr_up
+
+
+class Denoiser(nn.Module):
+    """UNet + ControlNet predicting epsilon from (z_t, t, control image in [0, 1], conditioning).
+
+    SeeSR-style models (config flag `use_image_cross_attention`) also receive the representation
+    as `image_encoder_hidden_states`.
+    """
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module, conditioning_scale: float = 1.0):
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+        self.conditioning_scale = conditioning_scale
+
+    def forward(self, z_t: Tensor, t: Tensor, control_image: Tensor, conditioning: Conditioning) -> Tensor:
+        extra = {}
+        if conditioning.image_embeds is not None:
+            extra["image_encoder_hidden_states"] = conditioning.image_embeds
+        down, mid = self.controlnet(
+            z_t,
+            t,
+            encoder_hidden_states=conditioning.text_embeds,
+            controlnet_cond=control_image.to(z_t.dtype),
+            conditioning_scale=self.conditioning_scale,
+            return_dict=False,
+            **extra,
+        )[:2]
+        return self.unet(
+            z_t,
+            t,
+            encoder_hidden_states=conditioning.text_embeds,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+            **extra,
+        )[0]
+
+
+@dataclass
+class StudentStep:
+    """One student step: what went in (z_t, t, control image) and what came out (eps, x0)."""
+
+    timestep: Tensor  # [B]
+    control_image: Tensor  # [B, 3, H, W] in [0, 1]: what the ControlNet saw
+    z_t: Tensor
+    eps: Tensor
+    x0_latent: Tensor  # Eq. 4
+    x0_image: Tensor | None  # decoded and clamped to [0, 1]; None where nothing needed it
+
+
+def sample_student(
+    denoiser: nn.Module,
+    codec,
+    *,
+    lr_up: Tensor,
+    text_embeds: Tensor,
+    represent: Representer,
+    timesteps: Tensor,
+    noises: list[Tensor],
+    alphas_cumprod: Tensor,
+    start_latent: Tensor,
+    psr: bool,
+    psr_weight: float,
+    reference_latent: Tensor | None = None,
+    grad_last: bool = False,
+    decode_last: bool = True,
+) -> list[StudentStep]:
+    """Run len(timesteps) student steps.
+
+    Args:
+        lr_up: the LR image upscaled to the output size, in [0, 1]; the control image of step 1, and of
+            every step when `psr` is off.
+        timesteps: [k] (shared) or [B, k] (per sample), strictly decreasing along k.
+        noises: k noise tensors shaped like the latent: step 1 noises `start_latent`, step i > 1
+            re-noises its base latent (see `reference_latent`).
+        start_latent: the latent noised for step 1 (the encoded upscaled LR at inference; the encoded
+            HR in ADD-style training).
+        psr: prediction-based self-refinement: step i > 1 is controlled by the decoded x0 of step i - 1,
+            blended with `lr_up` by `psr_weight` (1 = the prediction alone); the representation is
+            recomputed from that control image, the text embeddings are kept.
+        reference_latent: if given, step i > 1 noises this latent instead of the previous x0 (the
+            official training noises the HR latent at every step); None re-noises the prediction, as
+            at inference.
+        grad_last: build the autograd graph for the last step only; earlier steps never have one.
+        decode_last: decode the last step's x0 to an image.
+    """
+    batch = start_latent.shape[0]
+    if timesteps.ndim == 1:
+        timesteps = timesteps.unsqueeze(0).expand(batch, -1)
+    timesteps = timesteps.to(start_latent.device)
+    k = timesteps.shape[1]
+    if len(noises) != k:
+        raise ValueError(f"sample_student needs one noise tensor per step: got {len(noises)} for {k} steps")
+
+    steps: list[StudentStep] = []
+    z_t = add_noise(start_latent, noises[0], timesteps[:, 0], alphas_cumprod)
+    control = lr_up
+    for i in range(k):
+        last = i == k - 1
+        t = timesteps[:, i]
+        with torch.set_grad_enabled(grad_last and last):
+            conditioning = Conditioning(text_embeds, represent(control))
+            eps = denoiser(z_t, t, control, conditioning)
+            x0_latent = predict_x0(z_t, eps, t, alphas_cumprod)
+            needs_image = (psr and not last) or (last and decode_last)
+            x0_image = codec.decode(x0_latent).clamp(0, 1) if needs_image else None
+        steps.append(StudentStep(t, control, z_t, eps, x0_latent, x0_image))
+        if last:
+            break
+        if psr:
+            control = psr_control(x0_image, lr_up, psr_weight)
+        base = x0_latent if reference_latent is None else reference_latent
+        z_t = add_noise(base, noises[i + 1], timesteps[:, i + 1], alphas_cumprod)
+    return steps
