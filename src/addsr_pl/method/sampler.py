@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from addsr_pl.models.conditioning import Conditioning, Representer
@@ -29,6 +30,11 @@ def predict_x0(z_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     """Eq. 4: x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), with a timestep per sample."""
     alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(z_t.dtype)
     return (z_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def upscale(lr: Tensor, size: tuple[int, int]) -> Tensor:
+    """The LR image bicubically upscaled to the output size, in [0, 1]: the ControlNet's first control."""
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def psr_control(x0_image: Tensor, lr_up: Tensor, psr_weight: float) -> Tensor:

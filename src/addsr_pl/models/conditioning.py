@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -37,3 +37,90 @@ Representer = Callable[[Tensor], Tensor | None]
 def no_representation(images: Tensor) -> None:
     """The representer of plain SD2 models: they have no image cross-attention."""
     return None
+
+
+class PromptEncoder(nn.Module):
+    """Text embeddings for the UNet/ControlNet cross-attention, from the frozen SD text encoder.
+
+    `prompt` selects the text: `fixed` (the positive prompt alone), `manual` (a caller-given text,
+    e.g. the paper's Sec. 4.4 manual prompts, followed by the positive prompt), `tags` (tagger tags,
+    then the positive prompt, as the official pipeline builds it) or `none` (the empty prompt).
+    Embeddings of repeated texts are cached.
+    """
+
+    def __init__(self, text_encoder: nn.Module, tokenizer, prompt: str, positive_prompt: str, negative_prompt: str):
+        super().__init__()
+        if prompt not in PROMPT_SOURCES:
+            raise ValueError(f"model.conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.positive_prompt = positive_prompt
+        self.negative_prompt = negative_prompt
+        self._cache: dict[tuple[str, str, torch.dtype], Tensor] = {}
+
+    def compose(self, tags: str = "", manual: str = "") -> str:
+        """The text of one image, as the official pipeline joins it: "{tags}, {manual}, {positive}"."""
+        if self.prompt == "none":
+            return ""
+        parts = {"fixed": [], "manual": [manual], "tags": [tags, manual]}[self.prompt]
+        return ", ".join(p for p in [*parts, self.positive_prompt] if p)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> Tensor:
+        """[len(texts), L, D] embeddings (the text encoder's last hidden state)."""
+        device = next(self.text_encoder.parameters()).device
+        dtype = next(self.text_encoder.parameters()).dtype
+        out = []
+        for text in texts:
+            key = (text, str(device), dtype)
+            if key not in self._cache:
+                ids = self.tokenizer(
+                    [text],
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+                self._cache[key] = self.text_encoder(ids)[0][0]
+            out.append(self._cache[key])
+        return torch.stack(out)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
+
+
+class Conditioner(nn.Module):
+    """Prompt text and representation of a batch of images in [0, 1].
+
+    The tagger (RAM/DAPE or OpenCLIP; None for fixed prompts) supplies tags for `prompt: tags` and the
+    representation consumed by SeeSR's image cross-attention.
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, tagger: nn.Module | None = None):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.tagger = tagger
+        if prompt_encoder.prompt == "tags" and tagger is None:
+            raise ValueError("model.conditioning.prompt = 'tags' needs a tagger: set model.conditioning.tagger")
+
+    def texts(self, images: Tensor, manual: list[str] | None = None) -> list[str]:
+        b = images.shape[0]
+        tags = self.tagger.tags(images) if self.prompt_encoder.prompt == "tags" else [""] * b
+        manual = manual or [""] * b
+        return [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
+
+    def text_embeds(self, images: Tensor, blank: Tensor | None = None, manual: list[str] | None = None) -> Tensor:
+        """[B, L, D]; samples where `blank` is True get the empty prompt (classifier-free style dropout)."""
+        texts = self.texts(images, manual)
+        if blank is not None:
+            texts = ["" if drop else text for text, drop in zip(texts, blank.tolist())]
+        return self.prompt_encoder.encode(texts)
+
+    def represent(self, images: Tensor) -> Tensor | None:
+        if self.tagger is None:
+            return None
+        return self.tagger.represent(images)

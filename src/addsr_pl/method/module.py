@@ -1,0 +1,357 @@
+"""AddSRModule: student, frozen teacher and discriminator, trained by manual G/D optimisation (paper Fig. 2)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from addsr_pl.inference.pipeline import AddSRPipeline
+from addsr_pl.method.ema import EMA
+from addsr_pl.method.losses import (
+    discriminator_hinge_loss,
+    distillation_loss,
+    generator_loss,
+    sample_unroll,
+    ta_step_index,
+    ta_weights,
+)
+from addsr_pl.method.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
+from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder
+from addsr_pl.models.trainable import select_trainable
+from addsr_pl.models.vae import VaeCodec
+
+PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, so (seed, rank, step) streams never collide or repeat."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Unroll:
+    """One training unroll of the student."""
+
+    steps: list[StudentStep]
+    k: int
+    start: Tensor  # [B] index of the first student timestep
+    noise: Tensor  # the graded step's noise, reused by the teacher
+    lr_up: Tensor
+    text_embeds: Tensor
+    blank: Tensor  # [B] samples whose prompt was dropped
+
+    @property
+    def graded(self) -> StudentStep:
+        return self.steps[-1]
+
+
+class AddSRModule(pl.LightningModule):
+    """Adversarial diffusion distillation of a ControlNet SR teacher into a few-step student.
+
+    Args:
+        model: the `model` config group as a plain dict (components, discriminator).
+        conditioning: the `conditioning` group (prompt source and strings, tagger).
+        method: the `method` config group as a plain dict (every number of the method).
+        seed: the run's seed; random draws of step n on rank r come from (seed, r, n).
+    """
+
+    def __init__(self, model: dict, conditioning: dict, method: dict, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trained weights; see on_load_checkpoint
+        self.method = method
+        self.seed = seed
+
+        components = instantiate(model["components"], _convert_="all")
+        self.scheduler = components.scheduler
+        self.component_sources = components.sources
+        self.register_buffer(
+            "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
+        self.register_buffer("student_timesteps", torch.tensor(method["student_timesteps"]), persistent=False)
+        self.codec = VaeCodec(components.vae)
+        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
+        prompt_encoder = PromptEncoder(
+            components.text_encoder,
+            components.tokenizer,
+            conditioning["prompt"],
+            conditioning["positive_prompt"],
+            conditioning["negative_prompt"],
+        )
+        self.conditioner = Conditioner(prompt_encoder, tagger)
+        self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
+        self.student = Denoiser(
+            copy.deepcopy(components.unet), copy.deepcopy(components.controlnet), method["conditioning_scale"]
+        )
+        self.discriminator = instantiate(model["discriminator"], _convert_="all")
+        for frozen in (self.teacher, self.codec, self.conditioner):
+            frozen.requires_grad_(False).eval()
+        select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
+        self.ema = EMA(dict(self.student_trainable()), method["ema_decay"])
+        self.register_buffer(
+            "ta", ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"]).float()
+        )
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.micro_step = 0
+
+    # ----------------------------------------------------------------- parameters and precision
+    def student_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+
+    def discriminator_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.discriminator.named_parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        """Frozen parts in the compute dtype of the trainer's precision; trained weights stay fp32."""
+        dtype = PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
+        self.cast_frozen(dtype)
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        for module in (self.teacher, self.codec, self.conditioner, self.discriminator.backbone):
+            module.to(dtype)
+        self.discriminator.conditioner.to(dtype)
+        for p in self.student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+    def train(self, mode: bool = True) -> AddSRModule:
+        super().train(mode)
+        for frozen in (self.teacher, self.codec, self.conditioner):
+            frozen.eval()
+        return self
+
+    # ----------------------------------------------------------------- randomness
+    def generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """(CPU, device) generators of this micro-step, seeded from (seed, rank, micro-step)."""
+        s = mix_seed(self.seed, self.global_rank, self.micro_step)
+        cpu = torch.Generator().manual_seed(s)
+        dev = torch.Generator(device=self.device).manual_seed(s) if self.device.type != "cpu" else cpu
+        return cpu, dev
+
+    # ----------------------------------------------------------------- Fig. 2, box by box
+    def student_unroll(self, hr: Tensor, lr_up: Tensor, g_cpu: torch.Generator, g_dev: torch.Generator) -> Unroll:
+        """k student steps with PSR; only the last (graded) step has a graph."""
+        m = self.method
+        n = len(m["student_timesteps"])
+        k, start = sample_unroll(torch.tensor(m["unroll_probs"], dtype=torch.float), n, hr.shape[0], m["unroll_start"], g_cpu)
+        index = (start.unsqueeze(1) + torch.arange(k)).to(self.device)
+        timesteps = self.student_timesteps[index]
+        blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
+        text_embeds = self.conditioner.text_embeds(lr_up, blank)
+        with torch.no_grad():
+            hr_latent = self.codec.encode(hr)
+            start_latent = hr_latent if m["student_start"] == "hr" else self.codec.encode(lr_up)
+        noises = [torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)]
+        for _ in range(k - 1):
+            noises.append(
+                noises[0]
+                if m["shared_noise"]
+                else torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)
+            )
+        steps = sample_student(
+            self.student,
+            self.codec,
+            lr_up=lr_up,
+            text_embeds=text_embeds,
+            represent=self.conditioner.represent,
+            timesteps=timesteps,
+            noises=noises,
+            alphas_cumprod=self.alphas_cumprod,
+            start_latent=start_latent,
+            psr=m["psr"],
+            psr_weight=m["psr_weight"],
+            reference_latent=hr_latent if m["unroll_renoise"] == "hr" else None,
+            grad_last=True,
+            decode_last=True,
+        )
+        return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank)
+
+    @torch.no_grad()
+    def teacher_targets(self, unroll: Unroll, hr: Tensor, g_dev: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Teacher x0 at n random t per sample on the re-noised student x0, in one batched forward.
+
+        `teacher_condition: hr` (IQ-ADD) gives the teacher the HR image as control image, prompt and
+        representation source; `lr` gives it the upscaled LR, as the student sees.
+        """
+        m = self.method
+        n = m["teacher_timesteps_per_sample"]
+        x0 = unroll.graded.x0_latent.detach()
+        b = x0.shape[0]
+        low, high = m["teacher_timestep_range"]
+        t = torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
+        z_t = add_noise(x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t, self.alphas_cumprod)
+        source = hr if m["teacher_condition"] == "hr" else unroll.lr_up
+        image_prompt = self.conditioner.prompt_encoder.prompt == "tags"
+        text = self.conditioner.text_embeds(source, unroll.blank) if image_prompt else unroll.text_embeds
+        conditioning = Conditioning(text, self.conditioner.represent(source)).repeat(n)
+        eps = self.teacher(z_t, t, source.repeat_interleave(n, 0), conditioning)
+        x0_teacher = predict_x0(z_t, eps, t, self.alphas_cumprod)
+        if m["distill_space"] == "pixel":
+            x0_teacher = self.codec.decode(x0_teacher).clamp(0, 1)
+        return x0_teacher, t
+
+    def generator_step(self, unroll: Unroll, targets: tuple[Tensor, Tensor], c: Tensor, g_dev, last_micro: bool) -> dict:
+        """Student update: TA-weighted distillation + lambda_adv * adversarial loss (Eq. 5)."""
+        m = self.method
+        opt_g, _ = self.optimizers()
+        graded = unroll.graded
+        n_steps = len(m["student_timesteps"])
+        graded_index = unroll.start + unroll.k - 1
+        ta_index = ta_step_index(graded_index, unroll.start, unroll.k, n_steps, m["ta_indexing"])
+        teacher_x0, teacher_t = targets
+        with self.toggled_optimizer(opt_g):
+            student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
+            per_sample = distillation_loss(student_x0, teacher_x0, teacher_t, self.alphas_cumprod)
+            loss_dis = (per_sample * self.ta[ta_index]).mean()
+            loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
+            loss = loss_dis + m["lambda_adv"] * loss_adv
+            self.manual_backward(loss / m["accumulate_grad_batches"])
+            if last_micro:
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+        logs = {"loss_dis": loss_dis, "loss_g_adv": loss_adv, "loss_g": loss, "ta_weight": self.ta[ta_index].mean()}
+        for s in range(n_steps):
+            at_s = graded_index == s
+            if at_s.any():
+                logs[f"loss_dis_step{s + 1}"] = per_sample[at_s].mean()
+        return logs
+
+    def discriminator_step(self, unroll: Unroll, hr: Tensor, c: Tensor, g_dev, last_micro: bool) -> dict:
+        """Discriminator update: hinge loss on the HR target (real) and the student x0 (fake)."""
+        _, opt_d = self.optimizers()
+        with self.toggled_optimizer(opt_d):
+            real = self.discriminator(hr, c, g_dev)
+            fake = self.discriminator(unroll.graded.x0_image.detach(), c, g_dev)
+            loss_d = discriminator_hinge_loss(real, fake)
+            self.manual_backward(loss_d / self.method["accumulate_grad_batches"])
+            if last_micro:
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+        return {"loss_d": loss_d, "d_real": real.mean(), "d_fake": fake.mean()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hr, lr = batch["hr"], batch["lr"]
+        g_cpu, g_dev = self.generators()
+        last_micro = (self.micro_step + 1) % self.method["accumulate_grad_batches"] == 0
+        lr_up = upscale(lr, hr.shape[-2:])
+        unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
+        targets = self.teacher_targets(unroll, hr, g_dev)
+        c = self.discriminator.condition(lr_up)
+        logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
+        logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
+        self.micro_step += 1
+        if last_micro:
+            self.after_iteration()
+        logs["unroll_k"] = torch.tensor(float(unroll.k))
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in logs.items()}, prog_bar=False, batch_size=hr.shape[0])
+        self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
+
+    def after_iteration(self) -> None:
+        self.iteration += 1
+        self.ema.update()
+        for scheduler in self.lr_schedulers() or []:
+            scheduler.step()
+
+    # ----------------------------------------------------------------- validation: the inference sampler
+    def student_pipeline(self, scale: int) -> AddSRPipeline:
+        """The in-memory student as an upscaler, with the inference settings of `method`."""
+        m = self.method
+        return AddSRPipeline(
+            self.student,
+            self.codec,
+            self.conditioner,
+            self.alphas_cumprod,
+            m["student_timesteps"],
+            m["psr"],
+            m["inference_psr_weight"],
+            scale,
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema.swapped_in()
+        self._ema_context.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_context.__exit__(None, None, None)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """PSNR of the EMA student at each configured step count; an image grid of the first batch."""
+        hr, lr = batch["hr"], batch["lr"]
+        pipeline = self.student_pipeline(hr.shape[-1] // lr.shape[-1])
+        generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, batch_idx))
+        steps = pipeline.run(lr, generator=generator)
+        for k, step in enumerate(steps, start=1):
+            if k not in self.method["val_steps"]:
+                continue
+            image = step.x0_image if step.x0_image is not None else self.codec.decode(step.x0_latent).clamp(0, 1)
+            mse = (image.float() - hr.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            self.log(f"val/psnr_{k}step", (-10 * torch.log10(mse)).mean(), batch_size=hr.shape[0], sync_dist=True)
+        if batch_idx == 0:
+            self.log_image_grid(lr, steps, hr)
+
+    def log_image_grid(self, lr: Tensor, steps: list[StudentStep], hr: Tensor) -> None:
+        """Rows of LR | step 1 ... step k | HR, saved under the run's samples/ and sent to the logger."""
+        from addsr_pl.logging import save_image_grid
+
+        images = [upscale(lr, hr.shape[-2:])]
+        images += [s.x0_image if s.x0_image is not None else self.codec.decode(s.x0_latent).clamp(0, 1) for s in steps]
+        save_image_grid(self, [*images, hr], f"val/grid_iter{int(self.iteration):06d}")
+
+    # ----------------------------------------------------------------- gradients
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients are unscaled here under 16-mixed, so clipping and norms are in true units."""
+        opt_g, opt_d = self.optimizers(use_pl_optimizer=False)
+        which, params, clip = (
+            ("g", [p for _, p in self.student_trainable()], self.method["grad_clip_g"])
+            if optimizer is opt_g
+            else ("d", [p for _, p in self.discriminator_trainable()], self.method["grad_clip_d"])
+        )
+        grads = [p for p in params if p.grad is not None]
+        if not grads:
+            return
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(grads, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
+        self.log(f"train/grad_norm_{which}", norm.float())
+        self.log(f"train/lr_{which}", optimizer.param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        m = self.method
+        opt_g = instantiate(m["optimizer_g"], params=[p for _, p in self.student_trainable()])
+        opt_d = instantiate(m["optimizer_d"], params=[p for _, p in self.discriminator_trainable()])
+        schedulers = [instantiate(m["lr_scheduler"], optimizer=opt) for opt in (opt_g, opt_d)]
+        return [opt_g, opt_d], [{"scheduler": s, "interval": "step"} for s in schedulers]
+
+    # ----------------------------------------------------------------- checkpoints
+    def trained_state_keys(self) -> set[str]:
+        """What a checkpoint holds: trained student weights, EMA, discriminator heads, the iteration."""
+        keys = {f"student.{n}" for n, _ in self.student_trainable()}
+        keys |= {f"ema.{k}" for k in self.ema.state_dict()}
+        keys |= {f"discriminator.{k}" for k in self.discriminator.trainable_state_keys()}
+        return keys | {"iteration", "ta"}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["addsr_micro_step"] = self.micro_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = set(checkpoint["state_dict"])
+        expected = self.trained_state_keys()
+        if saved != expected:
+            missing, extra = sorted(expected - saved), sorted(saved - expected)
+            raise RuntimeError(
+                "This checkpoint was written by a different configuration (trainable set or model): "
+                f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})."
+            )
+        self.micro_step = checkpoint.get("addsr_micro_step", 0)
+

@@ -1,0 +1,162 @@
+"""Stable Diffusion 2 components: loaded from a local diffusers-layout folder, or tiny ones built from config.
+
+Both routes return `DiffusionComponents`, which also records where each component came from so that
+an exported student can name every part it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# (subfolder, file that must exist in it) for every SD2 component we read.
+SD2_LAYOUT = {
+    "unet": ("unet", "config.json"),
+    "vae": ("vae", "config.json"),
+    "text_encoder": ("text_encoder", "config.json"),
+    "tokenizer": ("tokenizer", "tokenizer_config.json"),
+    "scheduler": ("scheduler", "scheduler_config.json"),
+}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weight folder or file the configuration points at does not exist."""
+
+
+@dataclass
+class DiffusionComponents:
+    """The frozen SD parts plus the teacher UNet and ControlNet.
+
+    `sources` maps a component name to the folder it was loaded from (None: built here, so an export
+    must save it).
+    """
+
+    unet: nn.Module
+    controlnet: nn.Module
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    sources: dict[str, str | None] = field(default_factory=dict)
+
+
+def require_file(path: str | Path, what: str, key: str) -> Path:
+    """Return `path` if it exists, else raise an error naming the config key and the expected file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingWeightsError(
+            f"{what} not found at {path}. Set `{key}` to the folder that holds it "
+            "(see the README's 'Weights' section for the expected layout)."
+        )
+    return path
+
+
+def _check_sd2_folder(root: Path, key: str) -> None:
+    require_file(root, "Stable Diffusion 2 folder", key)
+    for name, (sub, marker) in SD2_LAYOUT.items():
+        require_file(root / sub / marker, f"SD2 {name} ({sub}/{marker})", key)
+
+
+def load_sd2_components(
+    pretrained_path: str,
+    unet_path: str | None = None,
+    controlnet_path: str | None = None,
+) -> DiffusionComponents:
+    """SD2-base components from a local diffusers folder.
+
+    Args:
+        pretrained_path: folder with `unet/ vae/ text_encoder/ tokenizer/ scheduler/`.
+        unet_path: a folder whose `unet/` replaces the SD2 UNet (a trained teacher); default SD2's.
+        controlnet_path: a folder with `controlnet/`; default: a ControlNet initialised from the UNet.
+    """
+    root = Path(pretrained_path).expanduser()
+    _check_sd2_folder(root, "model.components.pretrained_path")
+    unet_root = Path(unet_path).expanduser() if unet_path else root
+    require_file(unet_root / "unet" / "config.json", "teacher UNet (unet/config.json)", "model.components.unet_path")
+    unet = UNet2DConditionModel.from_pretrained(unet_root, subfolder="unet")
+    if controlnet_path:
+        cn_root = Path(controlnet_path).expanduser()
+        require_file(
+            cn_root / "controlnet" / "config.json",
+            "teacher ControlNet (controlnet/config.json)",
+            "model.components.controlnet_path",
+        )
+        controlnet = ControlNetModel.from_pretrained(cn_root, subfolder="controlnet")
+    else:
+        controlnet = ControlNetModel.from_unet(unet)
+    return DiffusionComponents(
+        unet=unet,
+        controlnet=controlnet,
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        sources={
+            "vae": str(root),
+            "text_encoder": str(root),
+            "tokenizer": str(root),
+            "scheduler": str(root),
+            "unet": str(unet_root),
+            "controlnet": str(controlnet_path) if controlnet_path else None,
+        },
+    )
+
+
+def character_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
+    """A CLIP tokenizer over single printable characters, written to `folder`.
+
+    Tiny test models need a real tokenizer but cannot download CLIP's vocabulary.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [c for c in string.printable if c.isprintable() and not c.isspace()]
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=max_length
+    )
+
+
+def build_tiny_components(
+    unet: dict,
+    controlnet: dict,
+    vae: dict,
+    text_encoder: dict,
+    scheduler: dict,
+    tokenizer_max_length: int,
+    init_seed: int,
+    cache_dir: str,
+) -> DiffusionComponents:
+    """Random-initialised SD-shaped components from small config dicts (CPU, seconds)."""
+    torch.manual_seed(init_seed)
+    tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **text_encoder,
+    )
+    unet_model = UNet2DConditionModel(**unet)
+    return DiffusionComponents(
+        unet=unet_model,
+        controlnet=ControlNetModel.from_unet(unet_model, **controlnet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(**scheduler),
+        sources={name: None for name in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")},
+    )

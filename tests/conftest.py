@@ -1,0 +1,67 @@
+"""Shared fixtures: configs composed from the real tree, tiny models, CPU, outputs under tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from addsr_pl.paths import config_dir
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_train(tmp_path, overrides: list[str] | None = None, cache_dir=None) -> DictConfig:
+    """The training config as `python -m addsr_pl.train model=tiny trainer=cpu ...` would compose it."""
+    base = ["model=tiny", "trainer=cpu", "logger=csv", f"hydra.run.dir={tmp_path}"]
+    if cache_dir is not None:
+        base.append(f"paths.cache_dir={cache_dir}")
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=base + list(overrides or []), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    def make(overrides: list[str] | None = None, sub: str = "run") -> DictConfig:
+        path = tmp_path / sub
+        path.mkdir(exist_ok=True)
+        return compose_train(path, overrides, cache_dir)
+
+    return make
+
+
+def to_dicts(cfg: DictConfig) -> dict:
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "conditioning": OmegaConf.to_container(cfg.conditioning, resolve=True),
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "seed": int(cfg.seed),
+    }
+
+
+@pytest.fixture
+def sample_pair():
+    """An HR crop of a bundled photo and its bicubic x4 LR, [1, 3, 64, 64] / [1, 3, 16, 16] in [0, 1]."""
+    from skimage import data
+
+    hr = torch.from_numpy(data.astronaut()[100:228:2, 150:278:2].copy()).permute(2, 0, 1).float() / 255
+    hr = hr.unsqueeze(0)
+    lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
+    return hr, lr

@@ -1,0 +1,47 @@
+"""Each bad config value fails at start-up with a message naming the key, the value and what is allowed."""
+
+import time
+
+import pytest
+
+from addsr_pl.config import ConfigError, validate
+from addsr_pl.train import train
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.psr_weight=1.5", r"method.psr_weight = 1.5: must lie in \[0, 1\]"),
+        ("method.psr_weight=-0.1", r"method.psr_weight = -0.1: must lie in \[0, 1\]"),
+        ("method.student_timesteps=[999,749,749,249]", "method.student_timesteps = .*strictly decreasing"),
+        ("method.student_timesteps=[249,499]", "method.student_timesteps = .*strictly decreasing"),
+        ("method.student_timesteps=[1000,749]", r"method.student_timesteps = \[1000, 749\]: every timestep must lie in \[0, 1000\)"),
+        ("method.ta_schedule=cosine", "method.ta_schedule = 'cosine': must be one of .*exponential"),
+        ("method.ta_schedule=[1.0,2.0]", r"method.ta_schedule = \[1.0, 2.0\]: a list needs one weight per student timestep \(4\)"),
+        ("method.teacher_condition=mid", r"method.teacher_condition = 'mid': must be one of \['hr', 'lr'\]"),
+        ("method.unroll_probs=[0.2,0.2,0.2,0.2,0.2]", "method.unroll_probs = .*at most 4 entries"),
+        ("method.trainable=everything", "method.trainable = 'everything': must be one of"),
+    ],
+)
+def test_bad_method_values_are_named(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg([override]))
+
+
+def test_missing_weight_folder_is_named_with_its_key(make_cfg, tmp_path):
+    cfg = make_cfg(["model=sd2", f"paths.weights_dir={tmp_path}/nowhere"])
+    with pytest.raises(ConfigError, match=r"model.components.pretrained_path = '.*nowhere/stable-diffusion-2-base'"):
+        validate(cfg)
+
+
+def test_missing_discriminator_weights_are_named(make_cfg, tmp_path):
+    cfg = make_cfg([f"model.discriminator.backbone_weights={tmp_path}/dino.pth"])
+    with pytest.raises(ConfigError, match=r"model.discriminator.backbone_weights = .*dino.pth.*no such file"):
+        validate(cfg)
+
+
+def test_train_fails_before_building_anything(make_cfg):
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="method.psr_weight"):
+        train(make_cfg(["method.psr_weight=2"]))
+    assert time.monotonic() - start < 5
