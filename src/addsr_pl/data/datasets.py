@@ -1,0 +1,223 @@
+"""Datasets: HR folders for training, paired and LR-only folders for evaluation, an embedded sample set.
+
+Training datasets return ``{"hr": [3, S, S]}`` crops in [0, 1]; degradation happens later, batched on
+the device (`AddSRDataModule.on_after_batch_transfer`). Their random crops and flips are functions
+of a per-item seed handed in by the sampler (``dataset[(index, draw_seed)]``), never of a global RNG,
+so worker processes and resumed runs see the same crops. Indexing with a plain ``int`` uses the
+dataset's own `seed` with epoch 0.
+
+An unreadable file is skipped with a warning: the next readable file (in index order) takes its
+place and the skipped path travels with the sample under ``"bad_files"``, so the data module can
+count it in the main process even when workers did the reading.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from addsr_pl.data.degradation import BicubicDegradation
+from addsr_pl.data.io import ImageReadError, list_images, read_rgb, to_tensor
+from addsr_pl.data.rng import mix_seed
+
+BAD_FILES_KEY = "bad_files"
+
+
+def resolve_key(item: int | tuple[int, int], seed: int) -> tuple[int, int]:
+    """``(index, draw_seed)`` from a sampler key or a plain index (epoch 0 of `seed`)."""
+    if isinstance(item, tuple):
+        return int(item[0]), int(item[1])
+    return int(item), mix_seed(seed, 0, int(item))
+
+
+def pad_reflect(array: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad (edge pixel not repeated) at the bottom/right up to `size`, as the official code does."""
+    pad_h, pad_w = max(0, size - array.shape[0]), max(0, size - array.shape[1])
+    if pad_h == 0 and pad_w == 0:
+        return array
+    return np.pad(array, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+
+
+def random_crop_flip(array: np.ndarray, size: int, flip: bool, draw_seed: int) -> np.ndarray:
+    """A `size`² crop at a random position, horizontally flipped with probability 1/2."""
+    array = pad_reflect(array, size)
+    gen = torch.Generator().manual_seed(draw_seed)
+    top = int(torch.randint(0, array.shape[0] - size + 1, (1,), generator=gen))
+    left = int(torch.randint(0, array.shape[1] - size + 1, (1,), generator=gen))
+    flip_now = bool(torch.rand((), generator=gen) < 0.5)
+    crop = array[top : top + size, left : left + size]
+    return crop[:, ::-1] if flip and flip_now else crop
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    array = pad_reflect(array, size)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """`default_collate`, except that the skipped-file lists of all samples are joined into one list."""
+    bad_files = [path for sample in samples for path in sample.get(BAD_FILES_KEY, ())]
+    batch = default_collate([{k: v for k, v in s.items() if k != BAD_FILES_KEY} for s in samples])
+    batch[BAD_FILES_KEY] = bad_files
+    return batch
+
+
+class HRFolderDataset(Dataset):
+    """Random `crop_size` crops of the HR images in a folder (DIV2K, Flickr2K, LSDIR, FFHQ, your own).
+
+    Args:
+        root: folder of images; sub-folders are searched when `recursive`.
+        crop_size: side of the square crop; smaller images are reflect-padded first.
+        recursive: search sub-folders too.
+        file_list: optional text file with one path per line (relative to `root` or absolute);
+            it replaces the folder scan and keeps its own order.
+        first_n: keep only the first N files (of the file list, or of the sorted scan), e.g. the
+            first 20k of LSDIR or 10k of FFHQ.
+        flip: random horizontal flips.
+        seed: seed for plain-integer indexing; the data module's sampler passes per-item seeds.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        crop_size: int,
+        recursive: bool = True,
+        file_list: str | Path | None = None,
+        first_n: int | None = None,
+        flip: bool = True,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        self.crop_size = int(crop_size)
+        self.flip = flip
+        self.seed = seed
+        if file_list is not None:
+            self.files = self._read_file_list(Path(file_list))
+        else:
+            self.files = list_images(self.root, recursive=recursive)
+        if first_n is not None:
+            if first_n < 1:
+                raise ValueError(f"first_n must be a positive number of files, got {first_n}.")
+            self.files = self.files[:first_n]
+        if not self.files:
+            raise FileNotFoundError(
+                f"No images found in {self.root}"
+                + (f" (file list {file_list})" if file_list else f" (recursive={recursive})")
+                + "; point the data path at a folder of .png/.jpg/... files."
+            )
+        self._known_bad: set[int] = set()
+
+    def _read_file_list(self, file_list: Path) -> list[Path]:
+        if not file_list.is_file():
+            raise FileNotFoundError(f"File list {file_list} does not exist; fix data.train.file_list.")
+        lines = [line.strip() for line in file_list.read_text().splitlines()]
+        return [p if (p := Path(line)).is_absolute() else self.root / p for line in lines if line]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> tuple[np.ndarray, list[str]]:
+        """The image at `index`, or the next readable one; also the paths skipped on the way."""
+        skipped: list[str] = []
+        for offset in range(len(self.files)):
+            candidate = (index + offset) % len(self.files)
+            if candidate in self._known_bad:
+                continue
+            try:
+                return read_rgb(self.files[candidate]), skipped
+            except ImageReadError as error:
+                self._known_bad.add(candidate)
+                skipped.append(str(self.files[candidate]))
+                warnings.warn(f"Skipping unreadable image: {error}", stacklevel=2)
+        raise RuntimeError(f"None of the {len(self.files)} images under {self.root} can be read.")
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, draw_seed = resolve_key(item, self.seed)
+        array, skipped = self.read(index)
+        crop = random_crop_flip(array, self.crop_size, self.flip, draw_seed)
+        return {"hr": to_tensor(crop), BAD_FILES_KEY: skipped}
+
+
+class ConcatHRDataset(Dataset):
+    """Several training datasets one after another (e.g. DIV2K + Flickr2K + LSDIR + FFHQ)."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        if not parts:
+            raise ValueError("ConcatHRDataset needs at least one dataset in `parts`.")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, draw_seed = resolve_key(item, 0)
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][(index - int(self.offsets[part]), draw_seed)]
+
+
+def load_sample_image(name: str) -> np.ndarray:
+    """One of the photographs bundled with scikit-image, as an RGB ``uint8`` array."""
+    import skimage.data
+
+    loader = getattr(skimage.data, name, None)
+    if loader is None:
+        raise ValueError(f"skimage.data has no image {name!r}; pick one of its bundled colour photos.")
+    array = np.asarray(loader())
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array[..., :3].astype(np.uint8))
+
+
+class SampleDataset(Dataset):
+    """Random crops of photographs bundled with scikit-image: a training set that needs no files.
+
+    `repeats` lists each image several times per epoch so that tiny runs see several crops.
+    """
+
+    def __init__(
+        self, names: Sequence[str], crop_size: int, flip: bool = True, repeats: int = 1, seed: int = 0
+    ):
+        self.names = list(names)
+        if not self.names:
+            raise ValueError("SampleDataset needs at least one skimage.data image name in `names`.")
+        self.images = [load_sample_image(name) for name in self.names]
+        self.crop_size = int(crop_size)
+        self.flip = flip
+        self.repeats = int(repeats)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, draw_seed = resolve_key(item, self.seed)
+        array = self.images[index % len(self.images)]
+        return {"hr": to_tensor(random_crop_flip(array, self.crop_size, self.flip, draw_seed))}
+
+
+class SamplePairedDataset(Dataset):
+    """Fixed validation pairs from bundled photographs: centre HR crops and their bicubic LR."""
+
+    def __init__(self, names: Sequence[str], crop_size: int, scale: int = 4):
+        self.names = list(names)
+        degradation = BicubicDegradation(scale)
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        for name in self.names:
+            hr = to_tensor(center_crop(load_sample_image(name), crop_size))
+            hr_target, lr = degradation(hr[None])
+            self.pairs.append((hr_target[0], lr[0]))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        hr, lr = self.pairs[index]
+        return {"hr": hr, "lr": lr, "name": self.names[index]}

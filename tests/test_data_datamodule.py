@@ -1,0 +1,199 @@
+"""AddSRDataModule: batch contract, determinism, rank separation, mid-epoch resume."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+from addsr_pl.data.datamodule import AddSRDataModule
+from addsr_pl.data.datasets import SampleDataset
+from addsr_pl.data.degradation import BicubicDegradation
+from addsr_pl.paths import config_dir
+
+
+def compose_data(*overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("data/sample", overrides=["+seed=7", *overrides]).data
+
+
+@pytest.fixture(scope="module")
+def sample_train() -> SampleDataset:
+    return SampleDataset(["astronaut", "coffee", "chelsea"], crop_size=32, repeats=4)
+
+
+def make_dm(train, **kwargs) -> AddSRDataModule:
+    args = dict(scale=4, crop_size=32, batch_size=2, seed=11)
+    args.update(kwargs)
+    return AddSRDataModule(train=train, val=None, degradation=BicubicDegradation(4), **args)
+
+
+def batches(dm: AddSRDataModule, count: int) -> list[dict]:
+    loader = dm.train_dataloader()
+    out = []
+    for batch in loader:
+        out.append(dm.degrade(batch))
+        if len(out) == count:
+            break
+    return out
+
+
+def test_sample_config_batches_have_the_contract_shapes_and_range():
+    cfg = compose_data()
+    dm = hydra.utils.instantiate(cfg)
+    assert isinstance(dm, AddSRDataModule)
+    batch = dm.degrade(next(iter(dm.train_dataloader())))
+    size = cfg.crop_size
+    assert batch["hr"].shape == (cfg.batch_size, 3, size, size)
+    assert batch["lr"].shape == (cfg.batch_size, 3, size // 4, size // 4)
+    for key in ("hr", "lr"):
+        assert batch[key].dtype == torch.float32
+        assert batch[key].min() >= 0.0 and batch[key].max() <= 1.0
+    # LR is stored at 8-bit levels
+    torch.testing.assert_close(batch["lr"] * 255, (batch["lr"] * 255).round(), atol=1e-4, rtol=0)
+
+    val = next(iter(dm.val_dataloader()))
+    assert val["name"] == list(cfg.val.names)[: cfg.val_batch_size]
+    assert val["hr"].shape == (cfg.val_batch_size, 3, size, size)
+    assert val["lr"].shape == (cfg.val_batch_size, 3, size // 4, size // 4)
+
+
+def test_same_seed_gives_bit_identical_batches(sample_train):
+    first, second = batches(make_dm(sample_train), 3), batches(make_dm(sample_train), 3)
+    for a, b in zip(first, second):
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["lr"], b["lr"])
+    other = batches(make_dm(sample_train, seed=12), 3)
+    assert not all(torch.equal(a["hr"], b["hr"]) for a, b in zip(first, other))
+
+
+def test_workers_give_the_same_batches_as_the_main_process(sample_train):
+    inline = batches(make_dm(sample_train), 3)
+    workers = batches(make_dm(sample_train, num_workers=2), 3)
+    for a, b in zip(inline, workers):
+        assert torch.equal(a["hr"], b["hr"])
+
+
+def test_ranks_see_disjoint_items_and_different_batches(sample_train):
+    rank0 = batches(make_dm(sample_train, rank=0, world_size=2), 3)
+    rank1 = batches(make_dm(sample_train, rank=1, world_size=2), 3)
+    for a, b in zip(rank0, rank1):
+        assert not torch.equal(a["hr"], b["hr"])
+    # the two shards of one epoch cover the dataset exactly once
+    s0 = make_dm(sample_train, rank=0, world_size=2).train_dataloader().sampler
+    s1 = make_dm(sample_train, rank=1, world_size=2).train_dataloader().sampler
+    indices = [i for i, _ in s0] + [i for i, _ in s1]
+    assert sorted(indices) == list(range(len(sample_train)))
+
+
+def test_degradation_generator_differs_per_rank():
+    class Noise(torch.nn.Module):
+        scale = 4
+
+        def forward(self, hr, generator):
+            return hr, torch.rand(hr.shape[0], 3, 1, 1, generator=generator, device=hr.device)
+
+    train = SampleDataset(["astronaut"], crop_size=32, repeats=4)
+    batch = {"hr": torch.zeros(2, 3, 32, 32)}
+    lrs = [
+        AddSRDataModule(train, None, Noise(), crop_size=32, batch_size=2, seed=1, rank=r).degrade(batch)["lr"]
+        for r in (0, 1)
+    ]
+    assert not torch.equal(lrs[0], lrs[1])
+
+
+def test_epochs_reshuffle(sample_train):
+    loader = make_dm(sample_train).train_dataloader()
+    epoch0 = [i for i, _ in loader.sampler]
+    loader.sampler.set_epoch(1)
+    epoch1 = [i for i, _ in loader.sampler]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+def test_state_dict_round_trip_resumes_at_the_next_batch(sample_train):
+    reference = batches(make_dm(sample_train), 5)
+
+    dm = make_dm(sample_train)
+    loader = dm.train_dataloader()
+    for step, batch in enumerate(loader):
+        dm.degrade(batch)
+        if step == 2:
+            break
+    loader_state, dm_state = loader.state_dict(), dm.state_dict()
+    assert loader_state == {"epoch": 0, "batches": 3} and dm_state == {"batch_counter": 3}
+
+    resumed = make_dm(sample_train)
+    resumed.load_state_dict(dm_state)
+    resumed_loader = resumed.train_dataloader()
+    resumed_loader.load_state_dict(loader_state)
+    rest = [resumed.degrade(b) for b in resumed_loader]
+    assert len(rest) == len(resumed_loader) - 3
+    for a, b in zip(reference[3:], rest):
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["lr"], b["lr"])
+
+
+class _Recorder(pl.LightningModule):
+    """Records the LR of every training batch it sees; one parameter so the optimizer has work."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["lr"].clone())
+        return (self.weight - batch["lr"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(train, root, max_steps: int, ckpt_path=None, every_n_train_steps=None):
+    model = _Recorder()
+    callbacks = []
+    if every_n_train_steps:
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=root, every_n_train_steps=every_n_train_steps, save_top_k=-1, filename="{step}"
+            )
+        )
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
+        default_root_dir=root,
+    )
+    trainer.fit(model, datamodule=make_dm(train), ckpt_path=ckpt_path)
+    return model
+
+
+def test_lightning_resume_mid_epoch_reproduces_the_uninterrupted_batches(sample_train, tmp_path):
+    # 6 batches per epoch: the checkpoint at step 4 is mid-epoch and the run crosses into epoch 1
+    full = _fit(sample_train, tmp_path, max_steps=9, every_n_train_steps=4)
+    resumed = _fit(sample_train, tmp_path / "resumed", max_steps=9, ckpt_path=tmp_path / "step=4.ckpt")
+    assert len(resumed.seen) == 5
+    for a, b in zip(full.seen[4:], resumed.seen):
+        assert torch.equal(a, b)
+
+
+def test_folder_config_needs_a_root_and_names_an_empty_one(tmp_path):
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="root"):
+        hydra.utils.instantiate(compose_data_named("folder"))
+    # Hydra wraps the dataset's FileNotFoundError; the message keeps the path
+    with pytest.raises(InstantiationException, match=f"No images found in {tmp_path}"):
+        hydra.utils.instantiate(compose_data_named("folder", f"data.train.root={tmp_path}"))
+    with pytest.raises(InstantiationException, match="missing_dir does not exist"):
+        hydra.utils.instantiate(compose_data_named("folder", f"data.train.root={tmp_path / 'missing_dir'}"))
+
+
+def compose_data_named(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(f"data/{name}", overrides=["+seed=7", *overrides]).data
