@@ -15,9 +15,15 @@ from addsr_pl.train import train
         ("method.psr_weight=-0.1", r"method.psr_weight = -0.1: must lie in \[0, 1\]"),
         ("method.student_timesteps=[999,749,749,249]", "method.student_timesteps = .*strictly decreasing"),
         ("method.student_timesteps=[249,499]", "method.student_timesteps = .*strictly decreasing"),
-        ("method.student_timesteps=[1000,749]", r"method.student_timesteps = \[1000, 749\]: every timestep must lie in \[0, 1000\)"),
+        (
+            "method.student_timesteps=[1000,749]",
+            r"method.student_timesteps = \[1000, 749\]: every timestep must lie in \[0, 1000\)",
+        ),
         ("method.ta_schedule=cosine", "method.ta_schedule = 'cosine': must be one of .*exponential"),
-        ("method.ta_schedule=[1.0,2.0]", r"method.ta_schedule = \[1.0, 2.0\]: a list needs one weight per student timestep \(4\)"),
+        (
+            "method.ta_schedule=[1.0,2.0]",
+            r"method.ta_schedule = \[1.0, 2.0\]: a list needs one weight per student timestep \(4\)",
+        ),
         ("method.teacher_condition=mid", r"method.teacher_condition = 'mid': must be one of \['hr', 'lr'\]"),
         ("method.unroll_probs=[0.2,0.2,0.2,0.2,0.2]", "method.unroll_probs = .*at most 4 entries"),
         ("method.trainable=everything", "method.trainable = 'everything': must be one of"),
@@ -30,7 +36,9 @@ def test_bad_method_values_are_named(make_cfg, override, message):
 
 def test_missing_weight_folder_is_named_with_its_key(make_cfg, tmp_path):
     cfg = make_cfg(["model=sd2", f"paths.weights_dir={tmp_path}/nowhere"])
-    with pytest.raises(ConfigError, match=r"model.components.pretrained_path = '.*nowhere/stable-diffusion-2-base'"):
+    with pytest.raises(
+        ConfigError, match=r"model.components.pretrained_path = '.*nowhere/stable-diffusion-2-base'"
+    ):
         validate(cfg)
 
 

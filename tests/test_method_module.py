@@ -5,6 +5,7 @@ import torch
 
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.sampler import upscale
+
 from conftest import to_dicts
 
 
@@ -16,7 +17,12 @@ def capture_controlnet_inputs(controlnet):
     seen = []
 
     def hook(module, args, kwargs):
-        seen.append({"cond": kwargs["controlnet_cond"].detach().clone(), "text": kwargs["encoder_hidden_states"].clone()})
+        seen.append(
+            {
+                "cond": kwargs["controlnet_cond"].detach().clone(),
+                "text": kwargs["encoder_hidden_states"].clone(),
+            }
+        )
 
     controlnet.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
@@ -28,8 +34,13 @@ def independent_decode(module, latent):
 
 
 @pytest.mark.parametrize("psr_weight", [1.0, 0.3])
-def test_psr_controls_step_2_with_the_blend_of_the_decoded_step_1_x0_and_the_lr(make_cfg, sample_pair, psr_weight):
-    module = build(make_cfg, ["method.unroll_probs=[0,1]", "method.unroll_start=first", f"method.psr_weight={psr_weight}"])
+def test_psr_controls_step_2_with_the_blend_of_the_decoded_step_1_x0_and_the_lr(
+    make_cfg, sample_pair, psr_weight
+):
+    module = build(
+        make_cfg,
+        ["method.unroll_probs=[0,1]", "method.unroll_start=first", f"method.psr_weight={psr_weight}"],
+    )
     seen = capture_controlnet_inputs(module.student.controlnet)
     hr, lr = sample_pair
     lr_up = upscale(lr, hr.shape[-2:])
@@ -67,7 +78,9 @@ def test_only_the_graded_step_has_a_graph(make_cfg, sample_pair):
 
 @pytest.mark.parametrize("condition", ["hr", "lr"])
 def test_teacher_condition_selects_what_reaches_the_teacher(make_cfg, sample_pair, condition):
-    module = build(make_cfg, [f"method.teacher_condition={condition}", "method.teacher_timesteps_per_sample=3"])
+    module = build(
+        make_cfg, [f"method.teacher_condition={condition}", "method.teacher_timesteps_per_sample=3"]
+    )
     seen = capture_controlnet_inputs(module.teacher.controlnet)
     hr, lr = sample_pair
     lr_up = upscale(lr, hr.shape[-2:])

@@ -44,9 +44,15 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
     schedule = method["ta_schedule"]
     if isinstance(schedule, str):
         if schedule not in TA_SCHEDULES:
-            _fail("method.ta_schedule", schedule, f"must be one of {list(TA_SCHEDULES)} or a list of {len(ts)} weights")
+            _fail(
+                "method.ta_schedule",
+                schedule,
+                f"must be one of {list(TA_SCHEDULES)} or a list of {len(ts)} weights",
+            )
     elif len(schedule) != len(ts):
-        _fail("method.ta_schedule", list(schedule), f"a list needs one weight per student timestep ({len(ts)})")
+        _fail(
+            "method.ta_schedule", list(schedule), f"a list needs one weight per student timestep ({len(ts)})"
+        )
     _choice(method, "method", "ta_indexing", TA_INDEXING)
     _choice(method, "method", "teacher_condition", ("hr", "lr"))
     _choice(method, "method", "distill_space", ("pixel", "latent"))
@@ -58,7 +64,11 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
     if not 0 <= low < high <= num_train_timesteps:
         _fail("method.teacher_timestep_range", [low, high], f"needs 0 <= low < high <= {num_train_timesteps}")
     if int(method["teacher_timesteps_per_sample"]) < 1:
-        _fail("method.teacher_timesteps_per_sample", method["teacher_timesteps_per_sample"], "must be at least 1")
+        _fail(
+            "method.teacher_timesteps_per_sample",
+            method["teacher_timesteps_per_sample"],
+            "must be at least 1",
+        )
     if int(method["accumulate_grad_batches"]) < 1:
         _fail("method.accumulate_grad_batches", method["accumulate_grad_batches"], "must be at least 1")
     if not 0.0 <= float(method["ema_decay"]) < 1.0:

@@ -51,11 +51,24 @@ def finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's fully resolved config (Hydra's own node left out), as loggers record it."""
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
+
+
 def train(cfg: DictConfig) -> dict:
-    """Train (and export) one AddSR student; returns the final metrics and the run's paths."""
+    """Train (and export) one AddSR student.
+
+    Returns the final metrics, the run's output dir, the exported student folder (if any), and the
+    module, datamodule and trainer objects, for callers that go on in-process.
+    """
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, _recursive_=False)
+    datamodule = instantiate(cfg.data)
     module = AddSRModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         conditioning=OmegaConf.to_container(cfg.conditioning, resolve=True),
@@ -65,7 +78,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(resolved_config(cfg))
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     exit_code = 1
     try:
@@ -73,7 +86,13 @@ def train(cfg: DictConfig) -> dict:
         exit_code = 0
     finally:
         finish_wandb(exit_code)
-    result = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "output_dir": cfg.paths.output_dir}
+    result = {
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "output_dir": cfg.paths.output_dir,
+        "module": module,
+        "datamodule": datamodule,
+        "trainer": trainer,
+    }
     if cfg.export_student and trainer.is_global_zero:
         scale = int(cfg.data.scale)
         inference = {"psr": cfg.method.psr, "psr_weight": cfg.method.inference_psr_weight}

@@ -70,8 +70,12 @@ class AddSRPipeline:
                 raise ValueError(f"steps = {steps}: must be between 1 and {len(self.student_timesteps)}")
             return self.student_timesteps[:steps]
         steps = [int(t) for t in steps]
-        if any(a <= b for a, b in zip(steps, steps[1:])) or not all(0 <= t < len(self.alphas_cumprod) for t in steps):
-            raise ValueError(f"timesteps {steps}: must be strictly decreasing and in [0, {len(self.alphas_cumprod)})")
+        if any(a <= b for a, b in zip(steps, steps[1:])) or not all(
+            0 <= t < len(self.alphas_cumprod) for t in steps
+        ):
+            raise ValueError(
+                f"timesteps {steps}: must be strictly decreasing and in [0, {len(self.alphas_cumprod)})"
+            )
         return steps
 
     @torch.no_grad()
@@ -90,7 +94,9 @@ class AddSRPipeline:
         lr_up = upscale(lr, (h, w))
         pad_h, pad_w = (-h) % m, (-w) % m
         if pad_h or pad_w:
-            lr_up = F.pad(lr_up, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+            lr_up = F.pad(
+                lr_up, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
+            )
         timesteps = torch.tensor(self.timesteps(steps), device=self.device)
         text_embeds = self.conditioner.text_embeds(lr_up, manual=manual_prompt)
         start = self.codec.encode(lr_up)
@@ -128,20 +134,26 @@ class AddSRPipeline:
         return self
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def from_folder(
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
         """Load an exported student folder (`<run dir>/student/`)."""
         folder = Path(folder).expanduser()
         manifest_file = require_file(folder / MANIFEST, "exported student manifest", "--model")
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_file} is not an addsr-pl student folder (format {manifest.get('format')!r})")
+            raise ValueError(
+                f"{manifest_file} is not an addsr-pl student folder (format {manifest.get('format')!r})"
+            )
         parts = {}
         for name, spec in manifest["components"].items():
             root = Path(spec["path"])
             root = root if root.is_absolute() else folder / root
             kwargs = {"subfolder": spec["subfolder"]} if "subfolder" in spec else {}
             location = root / spec.get("subfolder", "")
-            require_file(location, f"student component '{name}'", f"components.{name}.path in {manifest_file}")
+            require_file(
+                location, f"student component '{name}'", f"components.{name}.path in {manifest_file}"
+            )
             parts[name] = _load_class(spec["class"]).from_pretrained(root, **kwargs)
         conditioning = manifest["conditioning"]
         tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None

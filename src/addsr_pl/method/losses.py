@@ -19,12 +19,16 @@ def ta_weights(schedule, n_steps: int, exponential: dict, linear: dict) -> Tenso
     s = torch.arange(1, n_steps + 1, dtype=torch.float64)
     if isinstance(schedule, str):
         if schedule == "exponential":
-            return exponential["base"] * torch.pow(torch.tensor(exponential["ratio"], dtype=torch.float64), s - 1)
+            return exponential["base"] * torch.pow(
+                torch.tensor(exponential["ratio"], dtype=torch.float64), s - 1
+            )
         if schedule == "linear":
             return linear["slope"] * s + linear["intercept"]
         if schedule == "none":
             return torch.ones(n_steps, dtype=torch.float64)
-        raise ValueError(f"method.ta_schedule = {schedule!r}: must be one of {TA_SCHEDULES} or a list of weights")
+        raise ValueError(
+            f"method.ta_schedule = {schedule!r}: must be one of {TA_SCHEDULES} or a list of weights"
+        )
     weights = torch.tensor([float(w) for w in schedule], dtype=torch.float64)
     if len(weights) != n_steps:
         raise ValueError(
@@ -47,7 +51,9 @@ def ta_step_index(graded: Tensor, start: Tensor, k: int, n_steps: int, indexing:
     raise ValueError(f"method.ta_indexing = {indexing!r}: must be one of {TA_INDEXING}")
 
 
-def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, teacher_t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def distillation_loss(
+    student_x0: Tensor, teacher_x0: Tensor, teacher_t: Tensor, alphas_cumprod: Tensor
+) -> Tensor:
     """Per-sample distillation loss, [B].
 
     student_x0: [B, ...]; teacher_x0: [B * n, ...] (n teacher timesteps per sample, sample-major);

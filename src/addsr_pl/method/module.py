@@ -69,7 +69,15 @@ class AddSRModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained weights; see on_load_checkpoint
         self.method = method
         self.seed = seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(
+                seed
+            )  # random-initialised parts (tiny models, heads) are the same in every process
+            self.build(model, conditioning, method)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.micro_step = 0
 
+    def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
         self.scheduler = components.scheduler
         self.component_sources = components.sources
@@ -99,8 +107,6 @@ class AddSRModule(pl.LightningModule):
         self.register_buffer(
             "ta", ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"]).float()
         )
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.micro_step = 0
 
     # ----------------------------------------------------------------- parameters and precision
     def student_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -137,11 +143,15 @@ class AddSRModule(pl.LightningModule):
         return cpu, dev
 
     # ----------------------------------------------------------------- Fig. 2, box by box
-    def student_unroll(self, hr: Tensor, lr_up: Tensor, g_cpu: torch.Generator, g_dev: torch.Generator) -> Unroll:
+    def student_unroll(
+        self, hr: Tensor, lr_up: Tensor, g_cpu: torch.Generator, g_dev: torch.Generator
+    ) -> Unroll:
         """k student steps with PSR; only the last (graded) step has a graph."""
         m = self.method
         n = len(m["student_timesteps"])
-        k, start = sample_unroll(torch.tensor(m["unroll_probs"], dtype=torch.float), n, hr.shape[0], m["unroll_start"], g_cpu)
+        k, start = sample_unroll(
+            torch.tensor(m["unroll_probs"], dtype=torch.float), n, hr.shape[0], m["unroll_start"], g_cpu
+        )
         index = (start.unsqueeze(1) + torch.arange(k)).to(self.device)
         timesteps = self.student_timesteps[index]
         blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
@@ -149,12 +159,16 @@ class AddSRModule(pl.LightningModule):
         with torch.no_grad():
             hr_latent = self.codec.encode(hr)
             start_latent = hr_latent if m["student_start"] == "hr" else self.codec.encode(lr_up)
-        noises = [torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)]
+        noises = [
+            torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)
+        ]
         for _ in range(k - 1):
             noises.append(
                 noises[0]
                 if m["shared_noise"]
-                else torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)
+                else torch.randn(
+                    start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype
+                )
             )
         steps = sample_student(
             self.student,
@@ -187,7 +201,9 @@ class AddSRModule(pl.LightningModule):
         b = x0.shape[0]
         low, high = m["teacher_timestep_range"]
         t = torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
-        z_t = add_noise(x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t, self.alphas_cumprod)
+        z_t = add_noise(
+            x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t, self.alphas_cumprod
+        )
         source = hr if m["teacher_condition"] == "hr" else unroll.lr_up
         image_prompt = self.conditioner.prompt_encoder.prompt == "tags"
         text = self.conditioner.text_embeds(source, unroll.blank) if image_prompt else unroll.text_embeds
@@ -198,7 +214,9 @@ class AddSRModule(pl.LightningModule):
             x0_teacher = self.codec.decode(x0_teacher).clamp(0, 1)
         return x0_teacher, t
 
-    def generator_step(self, unroll: Unroll, targets: tuple[Tensor, Tensor], c: Tensor, g_dev, last_micro: bool) -> dict:
+    def generator_step(
+        self, unroll: Unroll, targets: tuple[Tensor, Tensor], c: Tensor, g_dev, last_micro: bool
+    ) -> dict:
         """Student update: TA-weighted distillation + lambda_adv * adversarial loss (Eq. 5)."""
         m = self.method
         opt_g, _ = self.optimizers()
@@ -217,7 +235,12 @@ class AddSRModule(pl.LightningModule):
             if last_micro:
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
-        logs = {"loss_dis": loss_dis, "loss_g_adv": loss_adv, "loss_g": loss, "ta_weight": self.ta[ta_index].mean()}
+        logs = {
+            "loss_dis": loss_dis,
+            "loss_g_adv": loss_adv,
+            "loss_g": loss,
+            "ta_weight": self.ta[ta_index].mean(),
+        }
         for s in range(n_steps):
             at_s = graded_index == s
             if at_s.any():
@@ -251,7 +274,11 @@ class AddSRModule(pl.LightningModule):
         if last_micro:
             self.after_iteration()
         logs["unroll_k"] = torch.tensor(float(unroll.k))
-        self.log_dict({f"train/{k}": v.detach().float() for k, v in logs.items()}, prog_bar=False, batch_size=hr.shape[0])
+        self.log_dict(
+            {f"train/{k}": v.detach().float() for k, v in logs.items()},
+            prog_bar=False,
+            batch_size=hr.shape[0],
+        )
         self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
 
     def after_iteration(self) -> None:
@@ -291,9 +318,13 @@ class AddSRModule(pl.LightningModule):
         for k, step in enumerate(steps, start=1):
             if k not in self.method["val_steps"]:
                 continue
-            image = step.x0_image if step.x0_image is not None else self.codec.decode(step.x0_latent).clamp(0, 1)
+            image = (
+                step.x0_image if step.x0_image is not None else self.codec.decode(step.x0_latent).clamp(0, 1)
+            )
             mse = (image.float() - hr.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-            self.log(f"val/psnr_{k}step", (-10 * torch.log10(mse)).mean(), batch_size=hr.shape[0], sync_dist=True)
+            self.log(
+                f"val/psnr_{k}step", (-10 * torch.log10(mse)).mean(), batch_size=hr.shape[0], sync_dist=True
+            )
         if batch_idx == 0:
             self.log_image_grid(lr, steps, hr)
 
@@ -302,7 +333,10 @@ class AddSRModule(pl.LightningModule):
         from addsr_pl.logging import save_image_grid
 
         images = [upscale(lr, hr.shape[-2:])]
-        images += [s.x0_image if s.x0_image is not None else self.codec.decode(s.x0_latent).clamp(0, 1) for s in steps]
+        images += [
+            s.x0_image if s.x0_image is not None else self.codec.decode(s.x0_latent).clamp(0, 1)
+            for s in steps
+        ]
         save_image_grid(self, [*images, hr], f"val/grid_iter{int(self.iteration):06d}")
 
     # ----------------------------------------------------------------- gradients
@@ -354,4 +388,3 @@ class AddSRModule(pl.LightningModule):
                 f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})."
             )
         self.micro_step = checkpoint.get("addsr_micro_step", 0)
-

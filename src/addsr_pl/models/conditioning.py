@@ -48,7 +48,9 @@ class PromptEncoder(nn.Module):
     Embeddings of repeated texts are cached.
     """
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, prompt: str, positive_prompt: str, negative_prompt: str):
+    def __init__(
+        self, text_encoder: nn.Module, tokenizer, prompt: str, positive_prompt: str, negative_prompt: str
+    ):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
             raise ValueError(f"model.conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
@@ -105,7 +107,9 @@ class Conditioner(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.tagger = tagger
         if prompt_encoder.prompt == "tags" and tagger is None:
-            raise ValueError("model.conditioning.prompt = 'tags' needs a tagger: set model.conditioning.tagger")
+            raise ValueError(
+                "model.conditioning.prompt = 'tags' needs a tagger: set model.conditioning.tagger"
+            )
 
     def texts(self, images: Tensor, manual: list[str] | None = None) -> list[str]:
         b = images.shape[0]
@@ -113,7 +117,9 @@ class Conditioner(nn.Module):
         manual = manual or [""] * b
         return [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
 
-    def text_embeds(self, images: Tensor, blank: Tensor | None = None, manual: list[str] | None = None) -> Tensor:
+    def text_embeds(
+        self, images: Tensor, blank: Tensor | None = None, manual: list[str] | None = None
+    ) -> Tensor:
         """[B, L, D]; samples where `blank` is True get the empty prompt (classifier-free style dropout)."""
         texts = self.texts(images, manual)
         if blank is not None:

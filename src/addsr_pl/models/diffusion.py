@@ -79,7 +79,9 @@ def load_sd2_components(
     root = Path(pretrained_path).expanduser()
     _check_sd2_folder(root, "model.components.pretrained_path")
     unet_root = Path(unet_path).expanduser() if unet_path else root
-    require_file(unet_root / "unet" / "config.json", "teacher UNet (unet/config.json)", "model.components.unet_path")
+    require_file(
+        unet_root / "unet" / "config.json", "teacher UNet (unet/config.json)", "model.components.unet_path"
+    )
     unet = UNet2DConditionModel.from_pretrained(unet_root, subfolder="unet")
     if controlnet_path:
         cn_root = Path(controlnet_path).expanduser()
@@ -138,8 +140,14 @@ def build_tiny_components(
     tokenizer_max_length: int,
     init_seed: int,
     cache_dir: str,
+    zero_conv_std: float = 0.0,
 ) -> DiffusionComponents:
-    """Random-initialised SD-shaped components from small config dicts (CPU, seconds)."""
+    """Random-initialised SD-shaped components from small config dicts (CPU, seconds).
+
+    A fresh ControlNet's zero convolutions make it a no-op that passes no gradient to its inner
+    layers; `zero_conv_std > 0` draws them from N(0, std) so a random tiny teacher uses its control
+    image and every trainable set learns.
+    """
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
     text_config = CLIPTextConfig(
@@ -151,12 +159,19 @@ def build_tiny_components(
         **text_encoder,
     )
     unet_model = UNet2DConditionModel(**unet)
+    controlnet_model = ControlNetModel.from_unet(unet_model, **controlnet)
+    if zero_conv_std > 0:
+        zero_convs = [*controlnet_model.controlnet_down_blocks, controlnet_model.controlnet_mid_block]
+        for conv in [*zero_convs, controlnet_model.controlnet_cond_embedding.conv_out]:
+            nn.init.normal_(conv.weight, std=zero_conv_std)
     return DiffusionComponents(
         unet=unet_model,
-        controlnet=ControlNetModel.from_unet(unet_model, **controlnet),
+        controlnet=controlnet_model,
         vae=AutoencoderKL(**vae),
         text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer,
         scheduler=DDPMScheduler(**scheduler),
-        sources={name: None for name in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")},
+        sources={
+            name: None for name in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
+        },
     )

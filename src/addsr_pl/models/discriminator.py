@@ -139,7 +139,9 @@ class ProjectedDiscriminator(nn.Module):
     ):
         super().__init__()
         self.backbone = _frozen_vit(backbone, backbone_weights, "model.discriminator.backbone_weights")
-        self.conditioner = _frozen_vit(conditioner, conditioner_weights, "model.discriminator.conditioner_weights")
+        self.conditioner = _frozen_vit(
+            conditioner, conditioner_weights, "model.discriminator.conditioner_weights"
+        )
         self.hook_blocks = list(hook_blocks)
         if max(self.hook_blocks) >= len(self.backbone.blocks):
             raise ValueError(
@@ -215,4 +217,3 @@ class ProjectedDiscriminator(nn.Module):
 
     def trainable_state_keys(self) -> list[str]:
         return [f"heads.{k}" for k in self.heads.state_dict()]
-
