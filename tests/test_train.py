@@ -141,3 +141,11 @@ def test_bf16_mixed_runs_frozen_parts_in_bf16_and_keeps_trained_weights_fp32(mak
         assert all(p.dtype == torch.bfloat16 for p in frozen.parameters())
     frozen_student = [p for p in module.student.parameters() if not p.requires_grad]
     assert frozen_student and all(p.dtype == torch.bfloat16 for p in frozen_student)
+
+
+@pytest.mark.gpu
+def test_tiny_training_on_cuda_in_bf16(make_cfg):
+    cfg = make_cfg([*FAST, "trainer=gpu", "trainer.max_steps=2"])
+    module = AddSRModule(**to_dicts(cfg))
+    fit(cfg, module)
+    assert int(module.iteration) == 2 and module.device.type == "cuda"

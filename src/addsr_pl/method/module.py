@@ -104,9 +104,8 @@ class AddSRModule(pl.LightningModule):
             frozen.requires_grad_(False).eval()
         select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
         self.ema = EMA(dict(self.student_trainable()), method["ema_decay"])
-        self.register_buffer(
-            "ta", ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"]).float()
-        )
+        ta = ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"])
+        self.register_buffer("ta", ta.float(), persistent=False)  # from the config, never from a checkpoint
 
     # ----------------------------------------------------------------- parameters and precision
     def student_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -371,7 +370,7 @@ class AddSRModule(pl.LightningModule):
         keys = {f"student.{n}" for n, _ in self.student_trainable()}
         keys |= {f"ema.{k}" for k in self.ema.state_dict()}
         keys |= {f"discriminator.{k}" for k in self.discriminator.trainable_state_keys()}
-        return keys | {"iteration", "ta"}
+        return keys | {"iteration"}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trained_state_keys()
