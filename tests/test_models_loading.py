@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from addsr_pl.models.diffusion import MissingWeightsError, load_sd2_components
 from addsr_pl.models.discriminator import _load_timm_weights
+
 from conftest import to_dicts
 
 
