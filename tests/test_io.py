@@ -105,6 +105,11 @@ def test_16bit_tiff_round_trip_with_icc(tmp_path):
         assert page.dtype == np.uint16
         assert np.array_equal(page.asarray(), values)
         assert page.iccprofile == _srgb_profile()
+    alpha = torch.rand(1, 7, 5)
+    write_image(tmp_path / "alpha.tif", loaded.rgb, like=loaded, alpha=alpha)
+    again = read_image(tmp_path / "alpha.tif")
+    assert again.bit_depth == 16 and torch.allclose(again.alpha, alpha, atol=1 / 65535)
+    assert torch.allclose(again.rgb, loaded.rgb)
 
 
 def test_grayscale_in_grayscale_out(tmp_path):
@@ -203,6 +208,9 @@ def test_corrupt_and_missing_files_raise_read_error(tmp_path):
         read_image(tmp_path / "trunc.png")
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.png")
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ImageReadError, match="32-bit float"):
+        read_image(tmp_path / "float.tif")
 
 
 def test_folder_listing_and_tree_mirroring(tmp_path):
@@ -226,6 +234,9 @@ def test_folder_listing_and_tree_mirroring(tmp_path):
         "sub/deep/d_x4.webp",
     ]
     assert output_path(root / "sub/c.tiff", root, out, format="png") == out / "sub/c.png"
+    assert output_path(root / "anim.gif", root, out) == out / "anim.png"  # GIF is read, not written
+    assert list_images(root / "a.jpg") == [root / "a.jpg"]
+    assert output_path(root / "a.jpg", root / "a.jpg", out, suffix="_x4") == out / "a_x4.jpg"
     with pytest.raises(ValueError, match="both be written"):
         plan_outputs([root / "a.jpg", root / "a.png"], root, out, format="png")
     with pytest.raises(ValueError, match="overwrite"):

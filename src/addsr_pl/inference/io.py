@@ -184,7 +184,8 @@ def _read_high_bit_depth(path: Path, image: Image.Image) -> tuple[np.ndarray, bo
     """16-bit colour PNG or 16-bit TIFF as an [H, W, C] uint16 array (C = 1..4) and a grayscale flag;
     None where Pillow decodes the file without loss."""
     if image.format == "PNG":
-        header = path.read_bytes()[:26]
+        with path.open("rb") as handle:
+            header = handle.read(26)  # signature + IHDR: bit depth at 24, colour type at 25
         bit_depth, color_type = header[24], header[25]
         if bit_depth != 16 or color_type == 0:  # 16-bit gray is Pillow's "I;16", read there
             return None

@@ -429,15 +429,16 @@ class TiledDenoiser(nn.Module):
 
     def forward(self, z_t: Tensor, t: Tensor, control_image: Tensor, conditioning: Conditioning) -> Tensor:
         batch, _, height, width = z_t.shape
+        device = next(self.denoiser.parameters()).device
         if height <= self.tile_size and width <= self.tile_size:
-            return self.denoiser(z_t, t, control_image, conditioning)
+            eps = self.denoiser(z_t.to(device), t.to(device), control_image.to(device), conditioning)
+            return eps.to(z_t.device)
         factor = control_image.shape[-1] // width
         if control_image.shape[-2:] != (height * factor, width * factor):
             raise ValueError(
                 f"control image {tuple(control_image.shape[-2:])} is not the latent {height}x{width} "
                 "times a whole scale factor"
             )
-        device = next(self.denoiser.parameters()).device
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         tiles = [
             (top, bottom, left, right)
