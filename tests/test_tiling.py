@@ -86,6 +86,16 @@ def test_tiled_vae_matches_untiled_codec(codec):
     assert tiled.scale_factor == codec.scale_factor and tiled.scaling_factor == codec.scaling_factor
 
 
+def test_tiled_vae_exact_statistics_match_untiled_beyond_stats_size(codec):
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    tiled = TiledVaeCodec(codec, TILE, OVERLAP, PADDING, stats_size=16, statistics="exact")
+    with torch.no_grad():
+        latents = codec.encode(image)
+        decoded = codec.decode(latents)
+    assert (tiled.encode(image) - latents).abs().max() < EXACT
+    assert (tiled.decode(latents) - decoded).abs().max() < EXACT
+
+
 def test_tiled_vae_one_tile_is_the_codec(codec):
     image = torch.rand(1, 3, 24, 32)
     tiled = TiledVaeCodec(codec, TILE, OVERLAP, PADDING)
@@ -141,6 +151,8 @@ def test_tiled_vae_rejects_bad_sizes(codec):
         TiledVaeCodec(codec, 33, 8, 16)
     with pytest.raises(ValueError, match="overlap"):
         TiledVaeCodec(codec, 32, 32, 16)
+    with pytest.raises(ValueError, match="statistics='global'"):
+        TiledVaeCodec(codec, 32, 8, 16, statistics="global")
     with pytest.raises(ValueError, match="multiples of 2"):
         TiledVaeCodec(codec, 32, 8, 16).encode(torch.rand(1, 3, 65, 64))
 

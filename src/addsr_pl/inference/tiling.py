@@ -1,11 +1,13 @@
 """Large images: a tiled VAE codec and a tiled denoiser, both drop-in replacements.
 
-`TiledVaeCodec` has `VaeCodec`'s interface and runs the VAE tile by tile, so its peak memory depends
-on the tile size and not on the image size. Tiles of a VAE disagree because each GroupNorm would
-normalise with its own tile's statistics; here the statistics of every GroupNorm are measured once
-on a copy of the whole input scaled down to at most `stats_size` pixels (exact when the input is
-that small) and every tile is normalised with them. What remains, the zero padding at tile borders
-and the mid-block attention seeing one tile, is hidden by overlapping tiles blended with linear ramps.
+`TiledVaeCodec` has `VaeCodec`'s interface and runs the VAE's high-resolution layers tile by tile, so
+their peak memory depends on the tile size and not on the image size. Tiles of a VAE disagree when
+each GroupNorm normalises with its own tile's statistics; here all tiles share one set: either
+measured on a copy of the input scaled down to at most `stats_size` pixels ("estimate", one cheap
+extra pass, exact when the input is that small) or gathered over the tiles themselves ("exact", one
+partial pass over the tiles per GroupNorm). Each tile also runs with context around it, and the
+latent-resolution middle of the VAE (with its global attention) runs untiled, so tiles compute the
+same values wherever their borders fall: no seams, and with exact statistics the untiled result.
 Results are written tile by tile into a buffer on `output_device` (the CPU by default), so the
 full-resolution image never has to fit on the accelerator.
 
@@ -106,6 +108,10 @@ def _stage_plan(
 
 # ------------------------------------------------------------------------------------------ tiled VAE
 
+# "exact": GroupNorm statistics of the whole input, gathered tile by tile (one partial pass over the
+# tiles per GroupNorm call of the high-resolution layers); "estimate": those of a scaled-down copy.
+_STATISTICS = ("exact", "estimate")
+
 
 def _ramp(length: int, overlap: int, rise: bool, fall: bool) -> Tensor:
     """1-D blending weights: linear ramps over `overlap` cells on the sides that meet another tile."""
@@ -119,6 +125,14 @@ def _ramp(length: int, overlap: int, rise: bool, fall: bool) -> Tensor:
     return weights
 
 
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass at the GroupNorm call whose input is wanted."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.value = value
+
+
 class _GroupNormStatistics:
     """Records per-sample, per-group statistics of the GroupNorms inside `modules`, then normalises
     tiles with them (call i of a GroupNorm in a tile uses the statistics of its call i)."""
@@ -126,14 +140,18 @@ class _GroupNormStatistics:
     def __init__(self, modules: list[nn.Module]):
         self.norms = [m for module in modules for m in module.modules() if isinstance(m, nn.GroupNorm)]
         self.stats: dict[nn.GroupNorm, list[tuple[Tensor, Tensor]]] = {}
+        self.order: list[tuple[nn.GroupNorm, int]] = []  # (norm, call index) in the order they run
         self.calls: dict[nn.GroupNorm, int] = {}
+        self.stop_at: tuple[nn.GroupNorm, int] | None = None
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         self.stats = {norm: [] for norm in self.norms}
+        self.order = []
 
         def record(norm: nn.GroupNorm, args: tuple) -> None:
             groups = args[0].detach().float().reshape(args[0].shape[0], norm.num_groups, -1)
+            self.order.append((norm, len(self.stats[norm])))
             self.stats[norm].append((groups.mean(-1), groups.var(-1, unbiased=False)))
 
         with self._hooks(lambda norm: norm.register_forward_pre_hook(record)):
@@ -141,6 +159,10 @@ class _GroupNormStatistics:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
+        def stop(norm: nn.GroupNorm, args: tuple) -> None:
+            if self.stop_at == (norm, self.calls.get(norm, 0)):
+                raise _Reached(args[0])
+
         def normalise(norm: nn.GroupNorm, args: tuple, output: Tensor) -> Tensor:
             index = self.calls.get(norm, 0)
             self.calls[norm] = index + 1
@@ -156,11 +178,15 @@ class _GroupNormStatistics:
                 y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
             return y.to(output.dtype)
 
-        with self._hooks(lambda norm: norm.register_forward_hook(normalise)):
+        with (
+            self._hooks(lambda norm: norm.register_forward_pre_hook(stop)),
+            self._hooks(lambda norm: norm.register_forward_hook(normalise)),
+        ):
             yield
 
-    def start_tile(self) -> None:
+    def start_tile(self, stop_at: tuple[nn.GroupNorm, int] | None = None) -> None:
         self.calls = {}
+        self.stop_at = stop_at
 
     @contextmanager
     def _hooks(self, register) -> Iterator[None]:
@@ -172,16 +198,32 @@ class _GroupNormStatistics:
                 handle.remove()
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """One VAE tile on the latent grid: its span, the span run with context, and the part it owns
+    (a partition of the grid, split in the middle of each overlap), each as (top, bottom, left, right)."""
+
+    span: tuple[int, int, int, int]
+    context: tuple[int, int, int, int]
+    owned: tuple[int, int, int, int]
+
+
+def _owned(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Split [0, length) between overlapping spans at the middle of each overlap."""
+    cuts = [0] + [(previous[1] + current[0]) // 2 for previous, current in zip(spans, spans[1:])] + [length]
+    return list(zip(cuts, cuts[1:]))
+
+
 class TiledVaeCodec(nn.Module):
     """`VaeCodec` run tile by tile at high resolution; inference only (no autograd graph).
 
     The diffusers `AutoencoderKL` is split where it reaches latent resolution. The high-resolution
     layers (encoder down blocks; decoder up blocks and output) run on tiles, each with `padding`
     pixels of context that are computed and cut off again, and normalised with GroupNorm statistics
-    measured on a copy of the whole input scaled down to at most `stats_size` pixels. The
-    latent-resolution middle (the mid block with its global attention) runs once on the whole
-    latent, exactly as untiled: its memory is that of the latent with the VAE's widest channel count
-    (512 for SD2), a small fraction of one full-resolution activation.
+    shared by all tiles (see `statistics`). The latent-resolution middle (the mid block with its
+    global attention) runs once on the whole latent, exactly as untiled: its memory is that of the
+    latent with the VAE's widest channel count (512 for SD2), a small fraction of one
+    full-resolution activation.
 
     Args:
         codec: a `VaeCodec` around a diffusers `AutoencoderKL`.
@@ -191,8 +233,11 @@ class TiledVaeCodec(nn.Module):
             with linear ramps.
         padding: context around each tile in pixels (multiple of the scale factor); tiles agree with
             the untiled codec once it covers the layers' receptive field.
-        stats_size: longest side, in pixels, of the scaled-down copy for the GroupNorm statistics;
-            None takes `tile_size`. Statistics are exact for images no larger than this.
+        stats_size: longest side, in pixels, of the scaled-down copy whose GroupNorm statistics
+            "estimate" uses; None takes `tile_size`. Statistics are exact for images no larger.
+        statistics: "estimate" (from the scaled-down copy: one extra pass at `stats_size`) or
+            "exact" (of the whole input, gathered over the tiles: one partial pass over all tiles per
+            GroupNorm of the high-resolution layers, about ten times the work of the tiles alone).
         output_device: where results are assembled; None keeps the input's device.
     """
 
@@ -203,9 +248,14 @@ class TiledVaeCodec(nn.Module):
         overlap: int,
         padding: int,
         stats_size: int | None = None,
+        statistics: str = "estimate",
         output_device: torch.device | str | None = "cpu",
     ):
         super().__init__()
+        if statistics not in _STATISTICS:
+            raise ValueError(
+                f"TiledVaeCodec statistics={statistics!r}; choose one of {', '.join(_STATISTICS)}"
+            )
         factor = codec.scale_factor
         for name, value in (("tile_size", tile_size), ("overlap", overlap), ("padding", padding)):
             if value % factor or value < 0:
@@ -219,6 +269,7 @@ class TiledVaeCodec(nn.Module):
         self.overlap = overlap
         self.padding = padding
         self.stats_size = stats_size or tile_size
+        self.statistics = statistics
         self.output_device = output_device
         vae = codec.vae
         self._encoder_stats = _GroupNormStatistics([vae.encoder.down_blocks])
@@ -262,6 +313,8 @@ class TiledVaeCodec(nn.Module):
             return hidden
 
         with self._encoder_stats.applied():
+            if self.statistics == "exact":
+                self._exact_statistics(high_resolution, images, self._encoder_stats, in_step=factor)
             hidden = self._tiled(
                 high_resolution, images, self._encoder_stats, in_step=factor, out_step=1, out_device=device
             )
@@ -296,6 +349,8 @@ class TiledVaeCodec(nn.Module):
             return (images.float() + 1) / 2
 
         with self._decoder_stats.applied():
+            if self.statistics == "exact":
+                self._exact_statistics(high_resolution, hidden, self._decoder_stats, in_step=1)
             return self._tiled(
                 high_resolution,
                 hidden,
@@ -304,6 +359,24 @@ class TiledVaeCodec(nn.Module):
                 out_step=factor,
                 out_device=self._out_device(latents),
             )
+
+    def _tiles(self, lat_h: int, lat_w: int) -> list[_Tile]:
+        """The tile layout on the latent grid, with context and the part of the grid each tile owns."""
+        factor = self.scale_factor
+        tile, overlap, pad = self.tile_size // factor, self.overlap // factor, self.padding // factor
+        rows, cols = tile_spans(lat_h, tile, overlap), tile_spans(lat_w, tile, overlap)
+        row_owned, col_owned = _owned(rows, lat_h), _owned(cols, lat_w)
+        tiles = []
+        for (top, bottom), owned_rows in zip(rows, row_owned):
+            for (left, right), owned_cols in zip(cols, col_owned):
+                context = (
+                    max(0, top - pad),
+                    min(lat_h, bottom + pad),
+                    max(0, left - pad),
+                    min(lat_w, right + pad),
+                )
+                tiles.append(_Tile((top, bottom, left, right), context, (*owned_rows, *owned_cols)))
+        return tiles
 
     def _tiled(
         self,
@@ -316,40 +389,74 @@ class TiledVaeCodec(nn.Module):
     ) -> Tensor:
         """Run `fn` on padded tiles of `inputs` laid out on the latent grid (`in_step` / `out_step`
         input / output cells per latent cell) and blend the cropped results into one buffer."""
-        factor = self.scale_factor
         lat_h, lat_w = (s // in_step for s in inputs.shape[-2:])
-        tile, overlap, pad = self.tile_size // factor, self.overlap // factor, self.padding // factor
+        ramp = self.overlap // self.scale_factor * out_step
         output = weight = None
-        for top, bottom in tile_spans(lat_h, tile, overlap):
-            for left, right in tile_spans(lat_w, tile, overlap):
-                stats.start_tile()
-                top_in, left_in = max(0, top - pad), max(0, left - pad)
-                bottom_in, right_in = min(lat_h, bottom + pad), min(lat_w, right + pad)
-                piece = inputs[
-                    ..., top_in * in_step : bottom_in * in_step, left_in * in_step : right_in * in_step
-                ]
-                result = fn(piece)
-                result = result[
-                    ...,
-                    (top - top_in) * out_step : (bottom - top_in) * out_step,
-                    (left - left_in) * out_step : (right - left_in) * out_step,
-                ]
-                result = result.float().to(out_device)
-                if output is None:
-                    size = (lat_h * out_step, lat_w * out_step)
-                    output = torch.zeros(*result.shape[:2], *size, device=out_device)
-                    weight = torch.zeros(1, 1, *size, device=out_device)
-                ramp = overlap * out_step
-                window = _ramp(result.shape[-2], ramp, top > 0, bottom < lat_h)[:, None]
-                window = (window * _ramp(result.shape[-1], ramp, left > 0, right < lat_w)).to(out_device)
-                region = (
-                    ...,
-                    slice(top * out_step, bottom * out_step),
-                    slice(left * out_step, right * out_step),
-                )
-                output[region] += result * window
-                weight[region] += window
+        for tile in self._tiles(lat_h, lat_w):
+            stats.start_tile()
+            top, bottom, left, right = tile.span
+            top_in, bottom_in, left_in, right_in = tile.context
+            result = fn(
+                inputs[..., top_in * in_step : bottom_in * in_step, left_in * in_step : right_in * in_step]
+            )
+            result = result[
+                ...,
+                (top - top_in) * out_step : (bottom - top_in) * out_step,
+                (left - left_in) * out_step : (right - left_in) * out_step,
+            ]
+            result = result.float().to(out_device)
+            if output is None:
+                size = (lat_h * out_step, lat_w * out_step)
+                output = torch.zeros(*result.shape[:2], *size, device=out_device)
+                weight = torch.zeros(1, 1, *size, device=out_device)
+            window = _ramp(result.shape[-2], ramp, top > 0, bottom < lat_h)[:, None]
+            window = (window * _ramp(result.shape[-1], ramp, left > 0, right < lat_w)).to(out_device)
+            region = (..., slice(top * out_step, bottom * out_step), slice(left * out_step, right * out_step))
+            output[region] += result * window
+            weight[region] += window
         return output / weight
+
+    def _exact_statistics(self, fn, inputs: Tensor, stats: _GroupNormStatistics, in_step: int) -> None:
+        """Replace the estimated statistics by those of the whole input, one GroupNorm call at a time
+        in the order they run: every tile runs up to that call (earlier calls already normalised with
+        exact statistics) and adds up the call's input over the part of the latent grid it owns."""
+        lat_h, lat_w = (s // in_step for s in inputs.shape[-2:])
+        tiles = self._tiles(lat_h, lat_w)
+        for norm, index in stats.order:
+            total = total_sq = None
+            count = 0
+            for tile in tiles:
+                top_in, bottom_in, left_in, right_in = tile.context
+                stats.start_tile(stop_at=(norm, index))
+                try:
+                    fn(
+                        inputs[
+                            ...,
+                            top_in * in_step : bottom_in * in_step,
+                            left_in * in_step : right_in * in_step,
+                        ]
+                    )
+                except _Reached as reached:
+                    value = reached.value
+                else:
+                    raise RuntimeError("a GroupNorm of the statistics pass did not run on a tile")
+                # feature cells per latent cell at this layer (a power of two, at least one)
+                scale = value.shape[-1] // (right_in - left_in)
+                own_top, own_bottom, own_left, own_right = tile.owned
+                owned = value[
+                    ...,
+                    (own_top - top_in) * scale : (own_bottom - top_in) * scale,
+                    (own_left - left_in) * scale : (own_right - left_in) * scale,
+                ]
+                groups = owned.double().reshape(owned.shape[0], norm.num_groups, -1)
+                sums, squares = groups.sum(-1), (groups * groups).sum(-1)
+                total = sums if total is None else total + sums
+                total_sq = squares if total_sq is None else total_sq + squares
+                count += groups.shape[-1]
+            mean = total / count
+            var = (total_sq / count - mean * mean).clamp_min(0)
+            stats.stats[norm][index] = (mean.float(), var.float())
+        stats.start_tile()
 
     def _scaled_down(self, inputs: Tensor, step: int) -> Tensor:
         """`inputs` scaled so the image they stand for is at most `stats_size` pixels along the longest
