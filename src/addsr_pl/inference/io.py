@@ -98,9 +98,7 @@ def read_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as image:
             image.load()  # decode now, so truncated or corrupt data fails here and not later
             return _decode(path, image)
-    except ImageReadError:
-        raise
-    except MemoryError:
+    except (ImageReadError, MemoryError):
         raise
     except Image.DecompressionBombError as error:
         raise ImageReadError(
@@ -121,7 +119,7 @@ def _decode(path: Path, image: Image.Image) -> LoadedImage:
         pixels = _orient(pixels, orientation)
         channels = torch.from_numpy(pixels.astype(np.float32) / 65535.0).permute(2, 0, 1)
         color = channels[:1] if grayscale else channels[:3]
-        alpha = channels[-1:] if channels.shape[0] in (2, 4) else None
+        alpha = channels[-1:].clone() if channels.shape[0] in (2, 4) else None
         rgb = color.expand(3, -1, -1).clone() if grayscale else color.contiguous()
         return LoadedImage(path, rgb, alpha, 16, grayscale, icc, _exif_bytes(exif, fmt), image.mode, fmt)
 
@@ -146,7 +144,7 @@ def _from_pillow(
         raise ImageReadError(path, "32-bit float images are not supported; convert to 16-bit PNG or TIFF")
     if mode == "CMYK":
         image, icc = _cmyk_to_rgb(image, icc)
-    elif mode == "P" or mode == "PA":
+    elif mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
     elif mode == "1":
