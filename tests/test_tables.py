@@ -3,11 +3,13 @@
 import csv
 
 import pytest
+import torch
 from PIL import Image
 
 from addsr_pl.evaluation.tables import (
     ImageRecord,
     TimingRecord,
+    image_records,
     markdown_table,
     plot_perception_distortion,
     read_records_csv,
@@ -74,6 +76,14 @@ def test_csv_tables_and_record_round_trip(tmp_path):
     write_records_csv(records[:3], tmp_path / "part.csv")
     merged = read_records_csv(tmp_path / "part.csv") + records[3:]
     assert markdown_table(summarize(merged)) == markdown_table(summarize(records))
+
+
+def test_image_records_from_batched_scores():
+    scores = {"psnr": torch.tensor([20.0, 30.0]), "musiq": torch.tensor([50.0, 60.0])}
+    records = image_records("AddSR", "RealSR", ["a.png", "b.png"], 4, scores)
+    assert records[1] == ImageRecord("AddSR", "RealSR", "b.png", 4, {"psnr": 30.0, "musiq": 60.0})
+    with pytest.raises(ValueError, match="3 images"):
+        image_records("AddSR", "RealSR", ["a", "b", "c"], 4, scores)
 
 
 def test_perception_distortion_plot(tmp_path):

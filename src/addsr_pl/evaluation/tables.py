@@ -51,6 +51,25 @@ class TimingRecord:
     milliseconds: float
 
 
+def image_records(
+    method: str,
+    dataset: str,
+    images: Sequence[str],
+    steps: int | None,
+    scores: Mapping[str, Sequence[float]],
+) -> list[ImageRecord]:
+    """One record per image from a batch of scores (`MetricSuite`'s {name: Tensor[B]})."""
+    for name, values in scores.items():
+        if len(values) != len(images):
+            raise ValueError(f"{len(values)} {name} scores for {len(images)} images")
+    return [
+        ImageRecord(
+            method, dataset, image, steps, {name: float(values[i]) for name, values in scores.items()}
+        )
+        for i, image in enumerate(images)
+    ]
+
+
 def method_label(method: str, steps: int | None) -> str:
     """The paper's column label: "AddSR-4" for 4 steps, the bare name without a step count."""
     return method if steps is None else f"{method}-{steps}"
