@@ -134,7 +134,7 @@ class AddSRDataModule(pl.LightningDataModule):
     """Training crops degraded on the device, fixed validation/test pairs.
 
     Args:
-        train: training dataset returning ``{"hr": [3, S, S]}``.
+        train: training dataset returning ``{"hr": [3, S, S]}`` (None for evaluation-only use).
         val: validation dataset returning ``{"hr", "lr", "name"}`` (fixed pairs), or None.
         degradation: module ``(hr, generator) -> (hr_target, lr)`` applied to training batches.
         scale: SR factor; must equal the degradation's.
@@ -149,7 +149,7 @@ class AddSRDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train: Dataset,
+        train: Dataset | None,
         val: Dataset | None,
         degradation: nn.Module,
         scale: int = 4,
@@ -186,8 +186,8 @@ class AddSRDataModule(pl.LightningDataModule):
         self._rank, self._world_size = rank, world_size
         self.batch_counter = 0
         self.bad_file_log = BadFileLog(max_bad_fraction)
-        self.bad_file_log.total_files = len(train)
-        if len(train) < batch_size:
+        self.bad_file_log.total_files = len(train) if train is not None else 0
+        if train is not None and len(train) < batch_size:
             raise ValueError(
                 f"The training set has {len(train)} items, fewer than one batch (data.batch_size={batch_size})."
             )
@@ -225,6 +225,10 @@ class AddSRDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
+        if self.train_set is None:
+            raise ValueError(
+                "This data module has no training set (data.train is null); set data.train to train."
+            )
         sampler = EpochShuffleSampler(self.train_set, self.world_size, self.rank, self.seed)
         return self._loader(self.train_set, sampler, self.batch_size, drop_last=True)
 

@@ -13,6 +13,7 @@ count it in the main process even when workers did the reading.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,7 +129,8 @@ class HRFolderDataset(Dataset):
         skipped: list[str] = []
         for offset in range(len(self.files)):
             candidate = (index + offset) % len(self.files)
-            if candidate in self._known_bad:
+            if candidate in self._known_bad:  # reported again (no new warning): the log is a set
+                skipped.append(str(self.files[candidate]))
                 continue
             try:
                 return read_rgb(self.files[candidate]), skipped
@@ -221,3 +223,99 @@ class SamplePairedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         hr, lr = self.pairs[index]
         return {"hr": hr, "lr": lr, "name": self.names[index]}
+
+
+# --------------------------------------------------------------------------- evaluation sets --
+
+# Stems that differ only by these endings pair up (RealSR: "Canon_001_HR" / "Canon_001_LR4").
+# DIV2K's LR: "0801x4".
+PAIR_SUFFIX = re.compile(r"([_-](hr|lr|gt|lq)\d*|[_-]?x\d+)$", re.IGNORECASE)
+
+
+def pair_key(path: Path) -> str:
+    return PAIR_SUFFIX.sub("", path.stem)
+
+
+def keyed_files(folder: Path) -> dict[str, Path]:
+    """Images of `folder` by `pair_key`; two files with one key are an error."""
+    files: dict[str, Path] = {}
+    for path in list_images(folder, recursive=False):
+        key = pair_key(path)
+        if key in files:
+            raise ValueError(f"{files[key].name} and {path.name} in {folder} pair up with the same partner.")
+        files[key] = path
+    return files
+
+
+class PairedFolderDataset(Dataset):
+    """Fixed LR/HR pairs from two sub-folders (RealSR, DRealSR, our Table 2 caches).
+
+    Files pair up by stem after dropping an ``_HR``/``_LR4``/``_x4``-style ending, in sorted order of
+    that key (never in directory order). Every LR and HR file must have a partner and every HR must be
+    exactly `scale` times its LR (after the optional centre crop).
+
+    Args:
+        root: dataset folder.
+        lr_subdir, hr_subdir: the two sub-folders (StableSR's test sets use ``test_LR``/``test_HR``).
+        scale: SR factor.
+        lr_crop: centre-crop LR to this size (and HR to ``scale`` times it); None keeps them whole.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        lr_subdir: str = "test_LR",
+        hr_subdir: str = "test_HR",
+        scale: int = 4,
+        lr_crop: int | None = None,
+    ):
+        self.root = Path(root)
+        self.scale, self.lr_crop = int(scale), lr_crop
+        lr_files, hr_files = keyed_files(self.root / lr_subdir), keyed_files(self.root / hr_subdir)
+        if not lr_files or not hr_files:
+            raise FileNotFoundError(f"No images in {self.root / lr_subdir} or {self.root / hr_subdir}.")
+        unmatched = sorted(set(lr_files) ^ set(hr_files))
+        if unmatched:
+            raise ValueError(
+                f"{len(unmatched)} files under {self.root} have no partner in {lr_subdir}/{hr_subdir} "
+                f"(e.g. {unmatched[:3]}); pairs must share a stem up to an _HR/_LR suffix."
+            )
+        self.keys = sorted(lr_files)
+        self.pairs = [(lr_files[k], hr_files[k]) for k in self.keys]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        lr_path, hr_path = self.pairs[index]
+        lr, hr = read_rgb(lr_path), read_rgb(hr_path)
+        if self.lr_crop is not None:
+            lr, hr = center_crop(lr, self.lr_crop), center_crop(hr, self.lr_crop * self.scale)
+        if hr.shape[0] != lr.shape[0] * self.scale or hr.shape[1] != lr.shape[1] * self.scale:
+            raise ValueError(
+                f"{hr_path} is {hr.shape[1]}x{hr.shape[0]} but its LR {lr_path} is "
+                f"{lr.shape[1]}x{lr.shape[0]}; expected exactly x{self.scale}."
+            )
+        return {"hr": to_tensor(hr), "lr": to_tensor(lr), "name": self.keys[index]}
+
+
+class LRFolderDataset(Dataset):
+    """LR images without ground truth (RealLR200): ``{"lr", "name"}``, for no-reference metrics."""
+
+    def __init__(self, root: str | Path, recursive: bool = False):
+        self.root = Path(root)
+        self.files = list_images(self.root, recursive=recursive)
+        if not self.files:
+            raise FileNotFoundError(
+                f"No images found in {self.root}; point the LR path at a folder of images."
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        return {
+            "lr": to_tensor(read_rgb(path)),
+            "name": path.relative_to(self.root).with_suffix("").as_posix(),
+        }
