@@ -93,6 +93,8 @@ class OpenCLIPTagger(nn.Module):
         top_k: int,
         image_mean: Sequence[float],
         image_std: Sequence[float],
+        interpolation: str,
+        antialias: bool,
         projection_seed: int,
         tag_separator: str,
         dtype: torch.dtype = torch.float32,
@@ -107,6 +109,8 @@ class OpenCLIPTagger(nn.Module):
         self.threshold = threshold
         self.top_k = top_k
         self.tag_separator = tag_separator
+        self.interpolation = interpolation
+        self.antialias = antialias
         self.dtype = dtype
         size = model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -139,6 +143,7 @@ class OpenCLIPTagger(nn.Module):
         """
         import open_clip
 
+        words = read_vocabulary(vocabulary)
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(
@@ -146,7 +151,7 @@ class OpenCLIPTagger(nn.Module):
                 "once and point `weights` at the local file."
             )
         model = open_clip.create_model(model_name, pretrained=str(weights))
-        return cls(model, open_clip.get_tokenizer(model_name), read_vocabulary(vocabulary), **kwargs)
+        return cls(model, open_clip.get_tokenizer(model_name), words, **kwargs)
 
     def _pixels(self, images: Tensor) -> Tensor:
         x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False).clamp(
