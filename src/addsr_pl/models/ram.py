@@ -88,13 +88,14 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x [B, nW, N, C]; mask [nW, N, N] or None."""
         b, nw, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, nw, n, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        qkv = self.qkv(x).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B * nW, heads, N, d]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, self.num_heads).permute(2, 0, 1)  # [heads, N, N]
         if mask is not None:
-            bias = bias + mask[:, None]  # [nW, heads, N, N]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # [B, nW, heads, N, d]
-        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
+            bias = (bias + mask[:, None]).repeat(b, 1, 1, 1)  # [B * nW, heads, N, N], window-minor like q
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
 
 
 class SwinMlp(nn.Module):

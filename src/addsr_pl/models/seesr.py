@@ -239,7 +239,8 @@ class SeeSRControlNetModel(_ImageCrossAttention, ControlNetModel):
             template = super().from_unet(unet, *args, load_weights_from_unet=False, **kwargs)
         config = {k: v for k, v in template.config.items() if not k.startswith("_")}
         config["use_image_cross_attention"] = use_image_cross_attention
-        config["image_cross_attention_dim"] = unet.config.get("image_cross_attention_dim", 512)
+        if "image_cross_attention_dim" in unet.config:
+            config["image_cross_attention_dim"] = unet.config.image_cross_attention_dim
         controlnet = cls.from_config(config)
         if load_weights_from_unet:
             for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding"):
