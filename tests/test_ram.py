@@ -250,7 +250,7 @@ def test_ram_tagger_runs_in_bf16(tmp_path):
     ram = tiny_ram()
     x = images()
     reference = RAMTagger(tiny_ram(), TAGS, [0.5] * 5, **PREPROCESS).representation(x)
-    tagger = RAMTagger(ram, TAGS, [0.5] * 5, dtype=torch.bfloat16, **PREPROCESS)
+    tagger = RAMTagger(ram, TAGS, [0.5] * 5, dtype="bfloat16", **PREPROCESS)  # a config gives the name
     assert all(p.dtype == torch.bfloat16 for p in tagger.ram.parameters())
     out = tagger(x)
     assert out.representation.dtype == torch.float32

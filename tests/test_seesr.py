@@ -1,6 +1,8 @@
 """SeeSR UNet / ControlNet: image cross-attention, layer order, folder loading, hybrid loading."""
 
 import re
+from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 
 import pytest
 import torch
@@ -256,3 +258,37 @@ def test_seesr_trainable_parameters_are_the_official_student_set():
     params = dict(unet.named_parameters())
     key = "down_blocks.0.image_attentions.0.proj_in.weight"
     assert selected[f"unet.{key}"] is params[key]
+
+
+def test_seesr_deepcopy_keeps_each_copy_on_its_own_image_attentions():
+    """EMA copies are deep copies: the copy's hooks must drive the copy's image attentions."""
+    unet = tiny_unet()
+    copy = deepcopy(unet)
+    x = inputs()
+    with torch.no_grad():
+        before = unet_out(unet, x, x["image"])
+        copy.down_blocks[0].image_attentions[0].proj_out.weight.zero_()
+        assert torch.equal(unet_out(unet, x, x["image"]), before)
+        assert (unet_out(copy, x, x["image"]) - before).abs().max() > 1e-5
+
+
+def test_seesr_concurrent_calls_keep_their_own_representation():
+    unet = tiny_unet()
+    x = inputs()
+    representations = [x["image"] * s for s in (1.0, -1.0, 2.0, 0.5)]
+    with torch.no_grad():
+        expected = [unet_out(unet, x, r) for r in representations]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda r: unet_out(unet, x, r), representations * 3))
+    for i, result in enumerate(results):
+        assert torch.equal(result, expected[i % 4])
+
+
+def test_seesr_gradient_checkpointing_trains_the_image_attentions():
+    unet = tiny_unet().train()
+    unet.enable_gradient_checkpointing()
+    x = inputs()
+    unet_out(unet, x, x["image"]).square().mean().backward()
+    grads = [p.grad for n, p in unet.named_parameters() if ".image_attentions." in n]
+    assert grads and all(g is not None for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads if g.ndim == 2)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from addsr_pl.models.tagger import TaggerOutput
+from addsr_pl.models.tagger import TaggerOutput, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -523,9 +523,10 @@ class RAMTagger(nn.Module):
         image_mean: Sequence[float],
         image_std: Sequence[float],
         tag_separator: str,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ):
         super().__init__()
+        dtype = resolve_dtype(dtype)
         if not len(tag_list) == len(class_thresholds) == ram.num_classes:
             raise ValueError(
                 f"RAM has {ram.num_classes} classes but got {len(tag_list)} tags and {len(class_thresholds)} thresholds"

@@ -97,9 +97,10 @@ class OpenCLIPTagger(nn.Module):
         antialias: bool,
         projection_seed: int,
         tag_separator: str,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ):
         super().__init__()
+        dtype = resolve_dtype(dtype)
         if not vocabulary:
             raise ValueError("OpenCLIPTagger needs a non-empty vocabulary (a list of words)")
         if top_k < 1:
@@ -184,6 +185,16 @@ class OpenCLIPTagger(nn.Module):
             )
             for row_v, row_i in zip(values, indices)
         ]
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name in a config ("bfloat16", "float32", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'")
+    return resolved
 
 
 def read_vocabulary(vocabulary: Sequence[str] | str | Path) -> list[str]:
