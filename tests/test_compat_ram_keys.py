@@ -61,3 +61,10 @@ def test_compat_dape_file_merges_into_full_size_ram():
     counts = merge_dape(full_size_ram(), lora, lora_alpha=1.0)
     # 24 Swin qkv + 2 layers x (query, key) in the tagging head + the same in the tied tag_encoder layers
     assert counts == {"merged": 24 + 4 + 4, "skipped (not used for tagging)": 124 - 32}
+
+
+def test_compat_ram_swin_l_gives_seesrs_145_token_representation():
+    ram = full_size_ram()
+    embeds, logits = ram(torch.empty(2, 3, 384, 384, device="meta"))  # shapes only, no compute
+    assert embeds.shape == (2, 145, 512)  # mean token + 12 x 12 grid
+    assert logits.shape == (2, 4585)
