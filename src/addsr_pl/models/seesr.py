@@ -35,6 +35,9 @@ from torch import Tensor, nn
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 IMAGE_ATTENTIONS = "image_attentions"
+# SeeSR hard-codes the representation width in its blocks (RAM's image_proj output); it is a config
+# key here so that tiny test models can be narrower, and this is its default.
+SEESR_IMAGE_CROSS_ATTENTION_DIM = 512
 
 # The representation of the forward call in progress; read by the image-attention hooks.
 _IMAGE_ENCODER_HIDDEN_STATES: ContextVar[Tensor | None] = ContextVar(
@@ -121,7 +124,11 @@ def _with_seesr_arguments(parent_init):
     signature = inspect.signature(parent_init)
     extra = [
         inspect.Parameter("use_image_cross_attention", inspect.Parameter.KEYWORD_ONLY, default=False),
-        inspect.Parameter("image_cross_attention_dim", inspect.Parameter.KEYWORD_ONLY, default=512),
+        inspect.Parameter(
+            "image_cross_attention_dim",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=SEESR_IMAGE_CROSS_ATTENTION_DIM,
+        ),
     ]
 
     def decorate(init):
@@ -142,7 +149,11 @@ class SeeSRUNet2DConditionModel(_ImageCrossAttention, UNet2DConditionModel):
 
     @_with_seesr_arguments(UNet2DConditionModel.__init__)
     def __init__(
-        self, *args, use_image_cross_attention: bool = False, image_cross_attention_dim: int = 512, **kwargs
+        self,
+        *args,
+        use_image_cross_attention: bool = False,
+        image_cross_attention_dim: int = SEESR_IMAGE_CROSS_ATTENTION_DIM,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.register_to_config(
@@ -163,7 +174,7 @@ class SeeSRUNet2DConditionModel(_ImageCrossAttention, UNet2DConditionModel):
         sd_path: str | Path,
         seesr_path: str | Path | None = None,
         subfolder: str = "unet",
-        image_cross_attention_dim: int = 512,
+        image_cross_attention_dim: int = SEESR_IMAGE_CROSS_ATTENTION_DIM,
     ) -> SeeSRUNet2DConditionModel:
         """SeeSR's hybrid loading (its `from_pretrained_orig`): an SD UNet with image attentions added.
 
@@ -198,7 +209,11 @@ class SeeSRControlNetModel(_ImageCrossAttention, ControlNetModel):
 
     @_with_seesr_arguments(ControlNetModel.__init__)
     def __init__(
-        self, *args, use_image_cross_attention: bool = False, image_cross_attention_dim: int = 512, **kwargs
+        self,
+        *args,
+        use_image_cross_attention: bool = False,
+        image_cross_attention_dim: int = SEESR_IMAGE_CROSS_ATTENTION_DIM,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.register_to_config(
