@@ -190,6 +190,8 @@ def test_ram_dape_merge_changes_exactly_the_lora_targets(tmp_path):
 def test_ram_dape_rejects_a_non_lora_file():
     with pytest.raises(ValueError, match="lora_"):
         merge_dape(tiny_ram(), {"fc.weight": torch.zeros(1, 24)}, lora_alpha=1.0)
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        merge_dape(tiny_ram(), {"fc.lora_A": torch.zeros(8, 24)}, lora_alpha=1.0)
 
 
 def _ram_folder(tmp_path, ram, thresholds):

@@ -445,6 +445,9 @@ def merge_dape(model: RAM, lora: str | Path | dict[str, Tensor], *, lora_alpha: 
     if not_lora:
         raise ValueError(f"Not a DAPE LoRA file: keys without 'lora_', e.g. {not_lora[:3]}")
     modules = sorted({k.rsplit(".", 1)[0] for k in lora})
+    unpaired = [m for m in modules if f"{m}.lora_A" not in lora or f"{m}.lora_B" not in lora]
+    if unpaired:
+        raise ValueError(f"DAPE file has LoRA modules without both lora_A and lora_B: {unpaired[:3]}")
     counts: Counter[str] = Counter()
     head_layers = len(model.tagging_head.encoder.layer)
     with torch.no_grad():
