@@ -53,3 +53,13 @@ def test_train_fails_before_building_anything(make_cfg):
     with pytest.raises(ConfigError, match="method.psr_weight"):
         train(make_cfg(["method.psr_weight=2"]))
     assert time.monotonic() - start < 5
+
+
+def test_missing_ram_folder_is_named(make_cfg, tmp_path):
+    cfg = make_cfg(["model=sd2_seesr", "conditioning=ram", f"paths.weights_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"(model.components|conditioning.tagger).* no such file"):
+        validate(cfg)
+    (tmp_path / "stable-diffusion-2-base").mkdir()
+    (tmp_path / "seesr").mkdir()
+    with pytest.raises(ConfigError, match=r"conditioning.tagger.folder = '.*/ram': no such file"):
+        validate(cfg)

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from addsr_pl.models.tagger import OpenCLIPTagger, PromptBuilder, Tagger
+from addsr_pl.models.tagger import OpenCLIPTagger, Tagger
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -98,17 +98,3 @@ def test_tagger_openclip_vocabulary_from_a_file(tiny_clip_weights, tmp_path):
         "tiny-test-clip", tiny_clip_weights, tmp_path / "words.txt", threshold=0.0, **TAGGER_ARGS
     )
     assert tagger.vocabulary == VOCABULARY
-
-
-def test_tagger_prompt_builder_reproduces_the_official_prompt():
-    builder = PromptBuilder(
-        template="{tags}, {user_prompt},{added_prompt}",
-        added_prompt="clean, high-resolution, 8k, extremely detailed, best quality, sharp",
-        negative_prompt="dotted, noise, blur, lowres, smooth",
-    )
-    assert builder.positive(["cat, tree"]) == [
-        "cat, tree, ,clean, high-resolution, 8k, extremely detailed, best quality, sharp"
-    ]
-    assert builder.negative(2) == ["dotted, noise, blur, lowres, smooth"] * 2
-    with pytest.raises(ValueError, match="tags"):
-        PromptBuilder(template="{user_prompt}", added_prompt="", negative_prompt="")

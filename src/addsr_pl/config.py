@@ -77,19 +77,24 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
         _fail("method.null_text_ratio", method["null_text_ratio"], "must lie in [0, 1]")
 
 
+# Config keys whose string values name a weight folder or file (besides `*_path` and `*_weights`).
+WEIGHT_KEYS = ("folder", "dape", "weights", "vocabulary")
+
+
 def _weight_paths(node, prefix: str):
     """(key, path) of every config value that names a weight folder or file."""
     if isinstance(node, dict):
         for key, value in node.items():
             name = f"{prefix}.{key}"
-            if isinstance(value, str) and (key.endswith("_path") or key.endswith("_weights")):
+            if isinstance(value, str) and (key.endswith(("_path", "_weights")) or key in WEIGHT_KEYS):
                 yield name, value
             else:
                 yield from _weight_paths(value, name)
 
 
-def validate_weights(model: dict) -> None:
-    for key, path in _weight_paths(model, "model"):
+def validate_weights(node: dict, prefix: str) -> None:
+    """Every weight folder or file named under `node` exists."""
+    for key, path in _weight_paths(node, prefix):
         if not Path(path).expanduser().exists():
             raise ConfigError(
                 f"{key} = {path!r}: no such file or folder. Point it at your local copy "
@@ -105,4 +110,5 @@ def validate(cfg: DictConfig) -> None:
     _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
     if cfg.stage != "addsr":
         _fail("stage", cfg.stage, "must be 'addsr' (distil the student)")
-    validate_weights(OmegaConf.to_container(cfg.model, resolve=True))
+    validate_weights(OmegaConf.to_container(cfg.model, resolve=True), "model")
+    validate_weights(conditioning, "conditioning")

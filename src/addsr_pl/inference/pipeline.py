@@ -15,6 +15,7 @@ from addsr_pl.method.export import FORMAT, MANIFEST
 from addsr_pl.method.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.models.conditioning import Conditioner, PromptEncoder
 from addsr_pl.models.diffusion import require_file
+from addsr_pl.models.trainable import has_image_attention
 from addsr_pl.models.vae import VaeCodec
 
 
@@ -168,7 +169,12 @@ class AddSRPipeline:
         pipeline = cls(
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
             VaeCodec(parts["vae"]).eval(),
-            Conditioner(prompt_encoder, tagger).eval(),
+            Conditioner(
+                prompt_encoder,
+                tagger,
+                has_image_attention(parts["unet"]),
+                conditioning.get("manual_prompt", ""),
+            ).eval(),
             parts["scheduler"].alphas_cumprod.clone().float(),
             sampler["student_timesteps"],
             sampler["psr"],

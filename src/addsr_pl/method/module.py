@@ -23,7 +23,7 @@ from addsr_pl.method.losses import (
 )
 from addsr_pl.method.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder
-from addsr_pl.models.trainable import select_trainable
+from addsr_pl.models.trainable import has_image_attention, select_trainable
 from addsr_pl.models.vae import VaeCodec
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
@@ -94,7 +94,12 @@ class AddSRModule(pl.LightningModule):
             conditioning["positive_prompt"],
             conditioning["negative_prompt"],
         )
-        self.conditioner = Conditioner(prompt_encoder, tagger)
+        self.conditioner = Conditioner(
+            prompt_encoder,
+            tagger,
+            has_image_attention(components.unet),
+            conditioning.get("manual_prompt", ""),
+        )
         self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
         self.student = Denoiser(
             copy.deepcopy(components.unet), copy.deepcopy(components.controlnet), method["conditioning_scale"]

@@ -53,7 +53,7 @@ class PromptEncoder(nn.Module):
     ):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
-            raise ValueError(f"model.conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
+            raise ValueError(f"conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -98,35 +98,48 @@ PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
 class Conditioner(nn.Module):
     """Prompt text and representation of a batch of images in [0, 1].
 
-    The tagger (RAM/DAPE or OpenCLIP; None for fixed prompts) supplies tags for `prompt: tags` and the
-    representation consumed by SeeSR's image cross-attention.
+    The tagger (RAM/DAPE or OpenCLIP, see `models.tagger`; None for prompts without one) supplies tags
+    for `prompt: tags` and, when the models have image cross-attention (`use_representation`), the
+    representation they consume. `manual_prompt` is the text of `prompt: manual` (per-image texts can be
+    passed to `text_embeds` instead).
     """
 
-    def __init__(self, prompt_encoder: PromptEncoder, tagger: nn.Module | None = None):
+    def __init__(
+        self,
+        prompt_encoder: PromptEncoder,
+        tagger: nn.Module | None = None,
+        use_representation: bool = False,
+        manual_prompt: str = "",
+    ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.tagger = tagger
+        self.use_representation = use_representation
+        self.manual_prompt = manual_prompt
         if prompt_encoder.prompt == "tags" and tagger is None:
+            raise ValueError("conditioning.prompt = 'tags' needs a tagger: set conditioning.tagger")
+        if use_representation and tagger is None:
             raise ValueError(
-                "model.conditioning.prompt = 'tags' needs a tagger: set model.conditioning.tagger"
+                "These models have image cross-attention (SeeSR-style) and need a representation: "
+                "set conditioning.tagger (e.g. conditioning=ram)"
             )
 
     def texts(self, images: Tensor, manual: list[str] | None = None) -> list[str]:
         b = images.shape[0]
-        tags = self.tagger.tags(images) if self.prompt_encoder.prompt == "tags" else [""] * b
-        manual = manual or [""] * b
+        tags = self.tagger(images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
+        manual = manual or [self.manual_prompt] * b
         return [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
 
     def text_embeds(
         self, images: Tensor, blank: Tensor | None = None, manual: list[str] | None = None
     ) -> Tensor:
-        """[B, L, D]; samples where `blank` is True get the empty prompt (classifier-free style dropout)."""
+        """[B, L, D]; samples where `blank` is True get the empty prompt (prompt dropout)."""
         texts = self.texts(images, manual)
         if blank is not None:
             texts = ["" if drop else text for text, drop in zip(texts, blank.tolist())]
         return self.prompt_encoder.encode(texts)
 
     def represent(self, images: Tensor) -> Tensor | None:
-        if self.tagger is None:
+        if not self.use_representation:
             return None
-        return self.tagger.represent(images)
+        return self.tagger.representation(images)

@@ -111,6 +111,43 @@ def load_sd2_components(
     )
 
 
+def load_seesr_components(pretrained_path: str, seesr_path: str, hybrid: bool = False) -> DiffusionComponents:
+    """SD2-base's VAE, text encoder, tokenizer and scheduler plus SeeSR's UNet and ControlNet.
+
+    Args:
+        pretrained_path: the SD2-base folder (diffusers layout).
+        seesr_path: the SeeSR folder with `unet/` and `controlnet/`.
+        hybrid: build the UNet from SD2's weights plus SeeSR's image attentions (SeeSR's
+            `from_pretrained_orig`) instead of reading SeeSR's full UNet.
+    """
+    from addsr_pl.models.seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
+
+    root = Path(pretrained_path).expanduser()
+    _check_sd2_folder(root, "model.components.pretrained_path")
+    seesr = Path(seesr_path).expanduser()
+    for sub in ("unet", "controlnet"):
+        require_file(
+            seesr / sub / "config.json", f"SeeSR {sub} ({sub}/config.json)", "model.components.seesr_path"
+        )
+    if hybrid:
+        unet = SeeSRUNet2DConditionModel.from_sd_and_seesr(root, seesr, subfolder="unet")
+    else:
+        unet = SeeSRUNet2DConditionModel.from_pretrained(seesr, subfolder="unet")
+    return DiffusionComponents(
+        unet=unet,
+        controlnet=SeeSRControlNetModel.from_pretrained(seesr, subfolder="controlnet"),
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        sources={
+            **{name: str(root) for name in ("vae", "text_encoder", "tokenizer", "scheduler")},
+            "unet": None if hybrid else str(seesr),
+            "controlnet": str(seesr),
+        },
+    )
+
+
 def character_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
     """A CLIP tokenizer over single printable characters, written to `folder`.
 
@@ -141,6 +178,7 @@ def build_tiny_components(
     init_seed: int,
     cache_dir: str,
     zero_conv_std: float = 0.0,
+    image_cross_attention_dim: int | None = None,
 ) -> DiffusionComponents:
     """Random-initialised SD-shaped components from small config dicts (CPU, seconds).
 
@@ -158,8 +196,16 @@ def build_tiny_components(
         eos_token_id=tokenizer.eos_token_id,
         **text_encoder,
     )
-    unet_model = UNet2DConditionModel(**unet)
-    controlnet_model = ControlNetModel.from_unet(unet_model, **controlnet)
+    if image_cross_attention_dim:
+        from addsr_pl.models.seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
+
+        unet_model = SeeSRUNet2DConditionModel(
+            **unet, use_image_cross_attention=True, image_cross_attention_dim=image_cross_attention_dim
+        )
+        controlnet_model = SeeSRControlNetModel.from_unet(unet_model, **controlnet)
+    else:
+        unet_model = UNet2DConditionModel(**unet)
+        controlnet_model = ControlNetModel.from_unet(unet_model, **controlnet)
     if zero_conv_std > 0:
         zero_convs = [*controlnet_model.controlnet_down_blocks, controlnet_model.controlnet_mid_block]
         for conv in [*zero_convs, controlnet_model.controlnet_cond_embedding.conv_out]:

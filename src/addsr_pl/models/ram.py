@@ -568,6 +568,17 @@ class RAMTagger(nn.Module):
             merge_dape(ram, dape, lora_alpha=lora_alpha)
         return cls(ram, tags, thresholds, **kwargs)
 
+    @classmethod
+    def random(
+        cls, *, architecture: dict, tag_list: Sequence[str], class_thresholds: Sequence[float], **kwargs
+    ):
+        """A randomly initialised RAM (tiny test and demo configs); `label_embed`, which a checkpoint
+        normally fills, is drawn from N(0, 1) so that tags differ between images."""
+        ram = RAM(**architecture)
+        with torch.no_grad():
+            ram.label_embed.normal_()
+        return cls(ram, tag_list, class_thresholds, **kwargs)
+
     def preprocess(self, images: Tensor) -> Tensor:
         size = self.ram.visual_encoder.image_size
         x = F.interpolate(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
@@ -270,30 +270,6 @@ class SeeSRControlNetModel(_ImageCrossAttention, ControlNetModel):
                     source = {k: v for k, v in source.items() if f"{IMAGE_ATTENTIONS}." not in k}
                 target.load_state_dict(source)
         return controlnet
-
-
-def trainable_parameters(
-    unet: nn.Module,
-    controlnet: nn.Module,
-    *,
-    unet_trainable_modules: Sequence[str],
-    controlnet_trainable_modules: Sequence[str],
-) -> dict[str, nn.Parameter]:
-    """Parameters of the modules whose names end in one of the given suffixes, as "unet.<name>" / "controlnet.<name>".
-
-    AddSR's student trains the UNet's `image_attentions` and the ControlNet's `image_attentions` and
-    `controlnet_cond_embedding` (SeeSR's teacher training instead trains the whole ControlNet).
-    """
-    selected: dict[str, nn.Parameter] = {}
-    for prefix, model, suffixes in (
-        ("unet", unet, tuple(unet_trainable_modules)),
-        ("controlnet", controlnet, tuple(controlnet_trainable_modules)),
-    ):
-        for module_name, module in model.named_modules():
-            if suffixes and module_name.endswith(suffixes):
-                for name, parameter in module.named_parameters():
-                    selected[f"{prefix}.{module_name}.{name}"] = parameter
-    return selected
 
 
 def _require_file(path: Path, what: str) -> Path:

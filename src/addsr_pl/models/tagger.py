@@ -7,7 +7,6 @@ Two implementations share the `Tagger` interface:
 - `OpenCLIPTagger` (here): zero-shot tags over a vocabulary from a local OpenCLIP model, for users
   who train their own teacher on a representation of their choice.
 
-`PromptBuilder` turns tags into the text prompts of the official inference.
 """
 
 from __future__ import annotations
@@ -37,33 +36,6 @@ class Tagger(Protocol):
     def __call__(self, images: Tensor) -> TaggerOutput: ...
 
     def representation(self, images: Tensor) -> Tensor | None: ...
-
-
-class PromptBuilder:
-    """The text prompts of the official inference, from tags and configured strings.
-
-    The official script builds `f"{tags}, {prompt},"` and then appends the added (positive) prompt,
-    so `template` is "{tags}, {user_prompt},{added_prompt}" there; the negative prompt is used only
-    with classifier-free guidance.
-    """
-
-    def __init__(self, template: str, added_prompt: str, negative_prompt: str, user_prompt: str = ""):
-        if "{tags}" not in template:
-            raise ValueError(f"PromptBuilder template {template!r} must contain {{tags}}")
-        self.template = template
-        self.added_prompt = added_prompt
-        self.negative_prompt = negative_prompt
-        self.user_prompt = user_prompt
-
-    def positive(self, tags: Sequence[str]) -> list[str]:
-        """One prompt per image, from that image's tag string."""
-        return [
-            self.template.format(tags=t, user_prompt=self.user_prompt, added_prompt=self.added_prompt)
-            for t in tags
-        ]
-
-    def negative(self, batch: int) -> list[str]:
-        return [self.negative_prompt] * batch
 
 
 class OpenCLIPTagger(nn.Module):
@@ -136,23 +108,33 @@ class OpenCLIPTagger(nn.Module):
         model_name: str,
         weights: str | Path,
         vocabulary: Sequence[str] | str | Path,
+        model_config: dict | None = None,
         **kwargs,
     ) -> OpenCLIPTagger:
-        """An OpenCLIP architecture by name with weights from a local file (never a download).
+        """An OpenCLIP architecture with weights from a local file (never a download).
 
+        The architecture is OpenCLIP's registered `model_name`, or `model_config` (the keyword
+        arguments of `open_clip.CLIP`: embed_dim, vision_cfg, text_cfg) for a custom one, which then
+        uses OpenCLIP's bundled BPE tokenizer at the config's context length.
         `vocabulary` is a list of words or a text file with one word per line.
         """
         import open_clip
 
         words = read_vocabulary(vocabulary)
-        weights = Path(weights)
+        weights = Path(weights).expanduser()
         if not weights.is_file():
             raise FileNotFoundError(
                 f"Missing OpenCLIP weights: expected {weights}. Download the checkpoint for {model_name} "
                 "once and point `weights` at the local file."
             )
-        model = open_clip.create_model(model_name, pretrained=str(weights))
-        return cls(model, open_clip.get_tokenizer(model_name), words, **kwargs)
+        if model_config is None:
+            model = open_clip.create_model(model_name, pretrained=str(weights))
+            tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            model = open_clip.CLIP(**model_config)
+            open_clip.load_checkpoint(model, str(weights))
+            tokenizer = open_clip.SimpleTokenizer(context_length=model_config["text_cfg"]["context_length"])
+        return cls(model, tokenizer, words, **kwargs)
 
     def _pixels(self, images: Tensor) -> Tensor:
         x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False).clamp(
