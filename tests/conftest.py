@@ -74,3 +74,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, cache_dir):
+    """An exported tiny student (two training iterations on the sample photos)."""
+    from addsr_pl.train import train
+
+    run = tmp_path_factory.mktemp("student_run")
+    cfg = compose_train(
+        run, ["data.crop_size=32", "trainer.max_steps=2", "trainer.limit_val_batches=0"], cache_dir
+    )
+    return train(cfg)["student"]

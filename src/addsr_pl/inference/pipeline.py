@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
+from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
 from addsr_pl.method.export import FORMAT, MANIFEST
 from addsr_pl.method.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.models.conditioning import Conditioner, PromptEncoder
@@ -52,16 +54,54 @@ class AddSRPipeline:
         self.psr = psr
         self.psr_weight = psr_weight
         self.scale = scale
+        # Output sizes are padded to a multiple of this: the VAE factor times the UNet's downsampling.
+        self.unet_downsampling = 2 ** (len(denoiser.unet.config.block_out_channels) - 1)
+        self.size_multiple = codec.scale_factor * self.unet_downsampling
+        self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
 
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    @property
-    def size_multiple(self) -> int:
-        """Output sizes are padded to this: the VAE factor times the UNet's downsampling."""
-        levels = len(self.denoiser.unet.config.block_out_channels) - 1
-        return self.codec.scale_factor * 2**levels
+    def with_tiling(self, height: int, width: int, tiling: dict) -> AddSRPipeline:
+        """This pipeline for an output of height x width pixels, tiled where it exceeds the tile sizes.
+
+        `tiling` holds the `tiling` section of `conf/upscale.yaml`: VAE tiles (pixels) and latent
+        tiles (latent cells), their overlaps, the VAE tiles' context padding and GroupNorm statistics,
+        the latent tiles' batch size and Gaussian weight width. Untiled stages keep their modules.
+        """
+        plan = plan_tiling(
+            height,
+            width,
+            scale_factor=self.codec.scale_factor,
+            vae_tile_size=tiling["vae_tile_size"],
+            vae_overlap=tiling["vae_overlap"],
+            latent_tile_size=tiling["latent_tile_size"],
+            latent_overlap=tiling["latent_overlap"],
+            latent_align=self.unet_downsampling,
+        )
+        tiled = copy.copy(self)
+        tiled.plan = plan
+        if plan.vae_tile_size is not None:
+            tiled.codec = TiledVaeCodec(
+                self.codec,
+                tiling["vae_tile_size"],
+                tiling["vae_overlap"],
+                tiling["vae_padding"],
+                stats_size=tiling["vae_stats_size"],
+                statistics=tiling["vae_statistics"],
+                output_device=None,
+            )
+        if plan.latent_tile_size is not None:
+            tiled.denoiser = TiledDenoiser(
+                self.denoiser,
+                tiling["latent_tile_size"],
+                tiling["latent_overlap"],
+                tiling["latent_tile_batch_size"],
+                tiling["latent_weight_sigma"],
+                align=self.unet_downsampling,
+            )
+        return tiled
 
     def timesteps(self, steps: int | list[int] | None) -> list[int]:
         if steps is None:
