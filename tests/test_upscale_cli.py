@@ -1,6 +1,5 @@
 """`addsr-pl upscale` over generated files: formats, metadata, failures, folders."""
 
-
 import numpy as np
 import pytest
 import torch
