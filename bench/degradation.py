@@ -9,6 +9,7 @@ way a per-image data pipeline would. HR crops are 512² from the bundled sample 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -40,15 +41,17 @@ def one_by_one(module, hr, seed):
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def pairs_per_second(fn, module, hr, iters: int) -> float:
+def pairs_per_second(fn, module, hr, iters: int) -> tuple[float, float]:
+    """Pairs per wall-clock second, and CPU seconds this process spent per pair."""
     fn(module, hr, 0)  # warm-up
     sync = torch.cuda.synchronize if hr.device.type == "cuda" else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(iters):
         fn(module, hr, i + 1)
     sync()
-    return iters * hr.shape[0] / (time.perf_counter() - start)
+    pairs = iters * hr.shape[0]
+    return pairs / (time.perf_counter() - start), (time.process_time() - cpu_start) / pairs
 
 
 def main() -> None:
@@ -72,12 +75,15 @@ def main() -> None:
         f"threads={torch.get_num_threads()} preset={args.preset} batch={args.batch} iters={args.iters} "
         f"HR {args.size}² -> LR {args.size // args.scale}²"
     )
+    # CPU seconds per pair do not depend on other processes sharing the cores; wall time does.
     with torch.no_grad():
-        ours = pairs_per_second(batched, module, hr, args.iters)
-        print(f"batched (ours):        {ours:7.2f} pairs/s", flush=True)
-        reference = pairs_per_second(one_by_one, module, hr, args.iters)
-        print(f"one sample at a time:  {reference:7.2f} pairs/s")
-    print(f"speed-up: {ours / reference:.2f}x")
+        ours, ours_cpu = pairs_per_second(batched, module, hr, args.iters)
+        print(f"batched (ours):        {ours:7.2f} pairs/s   {ours_cpu:6.3f} CPU s/pair", flush=True)
+        reference, reference_cpu = pairs_per_second(one_by_one, module, hr, args.iters)
+        print(f"one sample at a time:  {reference:7.2f} pairs/s   {reference_cpu:6.3f} CPU s/pair")
+    print(f"speed-up: {ours / reference:.2f}x wall, {reference_cpu / ours_cpu:.2f}x CPU")
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
