@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -41,17 +42,22 @@ def one_by_one(module, hr, seed):
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def pairs_per_second(fn, module, hr, iters: int) -> tuple[float, float]:
-    """Pairs per wall-clock second, and CPU seconds this process spent per pair."""
+def pairs_per_second(fn, module, hr, iters: int) -> tuple[float, float, float]:
+    """Median and best pairs per wall-clock second over `iters` timed batches, and the median CPU
+    seconds this process spent per pair. On a shared machine the best batch is the one least
+    disturbed by other processes; CPU seconds do not count time spent waiting for a core."""
     fn(module, hr, 0)  # warm-up
     sync = torch.cuda.synchronize if hr.device.type == "cuda" else (lambda: None)
-    sync()
-    start, cpu_start = time.perf_counter(), time.process_time()
+    walls, cpus = [], []
     for i in range(iters):
+        sync()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn(module, hr, i + 1)
-    sync()
-    pairs = iters * hr.shape[0]
-    return pairs / (time.perf_counter() - start), (time.process_time() - cpu_start) / pairs
+        sync()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    pairs = hr.shape[0]
+    return pairs / statistics.median(walls), pairs / min(walls), statistics.median(cpus) / pairs
 
 
 def main() -> None:
@@ -75,13 +81,17 @@ def main() -> None:
         f"threads={torch.get_num_threads()} preset={args.preset} batch={args.batch} iters={args.iters} "
         f"HR {args.size}² -> LR {args.size // args.scale}²"
     )
-    # CPU seconds per pair do not depend on other processes sharing the cores; wall time does.
     with torch.no_grad():
-        ours, ours_cpu = pairs_per_second(batched, module, hr, args.iters)
-        print(f"batched (ours):        {ours:7.2f} pairs/s   {ours_cpu:6.3f} CPU s/pair", flush=True)
-        reference, reference_cpu = pairs_per_second(one_by_one, module, hr, args.iters)
-        print(f"one sample at a time:  {reference:7.2f} pairs/s   {reference_cpu:6.3f} CPU s/pair")
-    print(f"speed-up: {ours / reference:.2f}x wall, {reference_cpu / ours_cpu:.2f}x CPU")
+        results = {}
+        for name, fn in (("batched (ours)", batched), ("one sample at a time", one_by_one)):
+            median, best, cpu = pairs_per_second(fn, module, hr, args.iters)
+            results[name] = median
+            print(
+                f"{name:22s} {median:7.2f} pairs/s median  {best:7.2f} best  {cpu:6.3f} CPU s/pair",
+                flush=True,
+            )
+    ours, reference = results.values()
+    print(f"speed-up (median): {ours / reference:.2f}x")
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
