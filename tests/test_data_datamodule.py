@@ -214,3 +214,12 @@ def test_paper_mix_concatenates_its_parts_with_first_n(tmp_path):
     assert len(dm.train_set) == 3 + 2 + 2 + 1
     assert dm.train_set[(7, 0)]["hr"].shape == (3, 16, 16)
     assert type(dm.degradation).__name__ == "RealESRGANDegradation"
+
+
+def test_crop_size_and_scale_must_agree_with_the_parts(sample_train):
+    with pytest.raises(ValueError, match="data.crop_size=64"):
+        make_dm(sample_train, crop_size=64)
+    with pytest.raises(ValueError, match="multiple of data.scale"):
+        make_dm(sample_train, crop_size=30)
+    with pytest.raises(ValueError, match="differs from data.scale"):
+        AddSRDataModule(sample_train, None, BicubicDegradation(2), scale=4, crop_size=32)
