@@ -42,22 +42,35 @@ def one_by_one(module, hr, seed):
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def pairs_per_second(fn, module, hr, iters: int) -> tuple[float, float, float]:
-    """Median and best pairs per wall-clock second over `iters` timed batches, and the median CPU
+def time_interleaved(fns: dict, module, hr, iters: int) -> dict[str, dict[str, float]]:
+    """Time the implementations in turns, batch by batch, so that both see the same machine load.
+
+    Returns per implementation the median and best pairs per wall-clock second and the median CPU
     seconds this process spent per pair. On a shared machine the best batch is the one least
-    disturbed by other processes; CPU seconds do not count time spent waiting for a core."""
-    fn(module, hr, 0)  # warm-up
+    disturbed by other processes.
+    """
     sync = torch.cuda.synchronize if hr.device.type == "cuda" else (lambda: None)
-    walls, cpus = [], []
+    for fn in fns.values():
+        fn(module, hr, 0)  # warm-up
+    walls = {name: [] for name in fns}
+    cpus = {name: [] for name in fns}
     for i in range(iters):
-        sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        fn(module, hr, i + 1)
-        sync()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu_start)
+        for name, fn in fns.items():
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fn(module, hr, i + 1)
+            sync()
+            walls[name].append(time.perf_counter() - start)
+            cpus[name].append(time.process_time() - cpu_start)
     pairs = hr.shape[0]
-    return pairs / statistics.median(walls), pairs / min(walls), statistics.median(cpus) / pairs
+    return {
+        name: {
+            "median": pairs / statistics.median(walls[name]),
+            "best": pairs / min(walls[name]),
+            "cpu": statistics.median(cpus[name]) / pairs,
+        }
+        for name in fns
+    }
 
 
 def main() -> None:
@@ -82,15 +95,14 @@ def main() -> None:
         f"HR {args.size}² -> LR {args.size // args.scale}²"
     )
     with torch.no_grad():
-        results = {}
-        for name, fn in (("batched (ours)", batched), ("one sample at a time", one_by_one)):
-            median, best, cpu = pairs_per_second(fn, module, hr, args.iters)
-            results[name] = median
-            print(
-                f"{name:22s} {median:7.2f} pairs/s median  {best:7.2f} best  {cpu:6.3f} CPU s/pair",
-                flush=True,
-            )
-    ours, reference = results.values()
+        results = time_interleaved(
+            {"batched (ours)": batched, "one sample at a time": one_by_one}, module, hr, args.iters
+        )
+    for name, r in results.items():
+        print(
+            f"{name:22s} {r['median']:7.2f} pairs/s median  {r['best']:7.2f} best  {r['cpu']:6.3f} CPU s/pair"
+        )
+    ours, reference = (r["median"] for r in results.values())
     print(f"speed-up (median): {ours / reference:.2f}x")
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
