@@ -197,3 +197,29 @@ def test_folder_config_needs_a_root_and_names_an_empty_one(tmp_path):
 def compose_data_named(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(f"data/{name}", overrides=["+seed=7", *overrides]).data
+
+
+def test_paper_mix_concatenates_its_parts_with_first_n(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    overrides = []
+    for name, count in (("div2k", 3), ("flickr2k", 2), ("lsdir", 4), ("ffhq", 5)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(tmp_path / name / f"{i}.png")
+        overrides.append(f"data.train.parts.{name}.root={tmp_path / name}")
+    overrides += ["data.train.parts.lsdir.first_n=2", "data.train.parts.ffhq.first_n=1", "data.crop_size=16"]
+    dm = hydra.utils.instantiate(compose_data_named("paper_mix", *overrides))
+    assert len(dm.train_set) == 3 + 2 + 2 + 1
+    assert dm.train_set[(7, 0)]["hr"].shape == (3, 16, 16)
+    assert type(dm.degradation).__name__ == "RealESRGANDegradation"
+
+
+def test_crop_size_and_scale_must_agree_with_the_parts(sample_train):
+    with pytest.raises(ValueError, match="data.crop_size=64"):
+        make_dm(sample_train, crop_size=64)
+    with pytest.raises(ValueError, match="multiple of data.scale"):
+        make_dm(sample_train, crop_size=30)
+    with pytest.raises(ValueError, match="differs from data.scale"):
+        AddSRDataModule(sample_train, None, BicubicDegradation(2), scale=4, crop_size=32)

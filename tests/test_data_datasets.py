@@ -73,7 +73,9 @@ def test_16bit_grayscale_and_colour_keep_their_precision(tmp_path):
     Image.fromarray(values).save(tmp_path / "g16.png")
     colour = np.stack([values, values + 1, values + 2], -1)
     cv2.imwrite(str(tmp_path / "c16.png"), colour[..., ::-1])  # OpenCV writes BGR
-    for name, expected in (("g16.png", np.repeat(values[..., None], 3, 2)), ("c16.png", colour)):
+    cv2.imwrite(str(tmp_path / "c16.tif"), colour[..., ::-1])
+    gray3 = np.repeat(values[..., None], 3, 2)
+    for name, expected in (("g16.png", gray3), ("c16.png", colour), ("c16.tif", colour)):
         out = read_rgb(tmp_path / name)
         assert out.dtype == np.uint16
         np.testing.assert_array_equal(out, expected)

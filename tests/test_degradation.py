@@ -211,3 +211,14 @@ def test_kernel_types_are_listed_in_their_fixed_order():
     assert KERNEL_TYPES[0] == "iso" and len(KERNEL_TYPES) == 6
     with pytest.raises(ValueError, match="kernel_types"):
         D.BlurSettings(kernel_types=["aniso", "iso", *KERNEL_TYPES[2:]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_the_batch_device_with_a_device_generator(addsr):
+    hr = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)).cuda()
+    module = addsr.cuda()
+    first = module(hr, torch.Generator(device="cuda").manual_seed(1))
+    second = module(hr, torch.Generator(device="cuda").manual_seed(1))
+    assert first[1].device.type == "cuda" and first[1].shape == (4, 3, 32, 32)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

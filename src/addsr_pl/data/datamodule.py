@@ -186,6 +186,11 @@ class AddSRDataModule(pl.LightningDataModule):
         self._rank, self._world_size = rank, world_size
         self.batch_counter = 0
         self.bad_file_log = BadFileLog(max_bad_fraction)
+        parts = getattr(train, "parts", [train])
+        for part in parts:
+            part_crop = getattr(part, "crop_size", crop_size)
+            if part_crop != crop_size:
+                raise ValueError(f"The training set crops {part_crop}² but data.crop_size={crop_size}.")
         self.bad_file_log.total_files = len(train) if train is not None else 0
         if train is not None and len(train) < batch_size:
             raise ValueError(

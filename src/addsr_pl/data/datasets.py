@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,12 +148,15 @@ class HRFolderDataset(Dataset):
 
 
 class ConcatHRDataset(Dataset):
-    """Several training datasets one after another (e.g. DIV2K + Flickr2K + LSDIR + FFHQ)."""
+    """Several training datasets one after another (e.g. DIV2K + Flickr2K + LSDIR + FFHQ).
 
-    def __init__(self, parts: Sequence[Dataset]):
-        if not parts:
+    `parts` is a list, or a mapping from names to datasets (so configs can address each part).
+    """
+
+    def __init__(self, parts: Sequence[Dataset] | Mapping[str, Dataset]):
+        self.parts = list(parts.values()) if isinstance(parts, Mapping) else list(parts)
+        if not self.parts:
             raise ValueError("ConcatHRDataset needs at least one dataset in `parts`.")
-        self.parts = list(parts)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:

@@ -44,12 +44,16 @@ def _is_16bit_colour(image: Image.Image) -> bool:
     """Pillow decodes 16-bit-per-channel RGB(A) PNG/TIFF to 8 bits; its raw mode still says 16."""
     if image.mode not in ("RGB", "RGBA"):
         return False
-    return any("16" in str(tile[3]) for tile in image.tile)
+    for tile in image.tile:
+        rawmode = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
 
 
 def _read_16bit_colour(path: Path) -> np.ndarray:
     array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if array is None or array.ndim != 3 or array.dtype != np.uint16:
+    if array is None or array.ndim != 3 or array.dtype not in (np.uint8, np.uint16):
         raise ImageReadError(f"{path}: a 16-bit colour image that OpenCV cannot decode")
     if array.shape[2] == 4:
         return _composite_on_white(cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA))
