@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from addsr_pl.config import validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
+from addsr_pl.method.teacher import TeacherModule, export_teacher, validate_teacher
 from addsr_pl.paths import config_dir
 
 log = logging.getLogger(__name__)
 
-# Lightning's step counter advances once per optimizer step: a student and a discriminator step
-# make one AddSR iteration.
-OPTIMIZER_STEPS_PER_ITERATION = 2
+# Lightning's step counter advances once per optimizer step: an AddSR iteration is a student and a
+# discriminator step, a teacher iteration one step.
+OPTIMIZER_STEPS_PER_ITERATION = {"addsr": 2, "teacher": 1}
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -28,16 +33,19 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         node = OmegaConf.to_container(node, resolve=True)
         every = node.pop("every_n_iterations", None)
         if every:
-            node["every_n_train_steps"] = every * OPTIMIZER_STEPS_PER_ITERATION
+            node["every_n_train_steps"] = every * OPTIMIZER_STEPS_PER_ITERATION[cfg.stage]
         callbacks.append(instantiate(node))
     return callbacks
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list) -> pl.Trainer:
-    """The Trainer, with `trainer.max_steps` read as AddSR iterations."""
+    """The Trainer, with `trainer.max_steps` read as iterations of the stage."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("max_steps", -1) > 0:
-        trainer_cfg["max_steps"] *= OPTIMIZER_STEPS_PER_ITERATION
+        trainer_cfg["max_steps"] *= OPTIMIZER_STEPS_PER_ITERATION[cfg.stage]
+    if cfg.stage == "teacher":
+        # automatic optimisation: Lightning accumulates (AddSR accumulates by hand, in the module)
+        trainer_cfg["accumulate_grad_batches"] = cfg.method.accumulate_grad_batches
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
@@ -51,6 +59,43 @@ def finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+@contextmanager
+def wandb_run_ends_with_job() -> Iterator[None]:
+    """Whatever happens inside, this job's wandb run is finished on the way out: exit code 0, or 1
+    (shown as failed) with the error re-raised, so the next job of a multirun starts its own run."""
+    try:
+        yield
+    except BaseException:
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb(exit_code=0)
+
+
+def run_name(cfg: DictConfig) -> str:
+    """This job's overrides (`hydra.job.override_dirname`, as its sweep folder), else `task_name`."""
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return overrides or cfg.task_name
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """The group shared by the jobs of one multirun: `<task_name>/<sweep folder name>`; None for a single run."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return f"{cfg.task_name}/{Path(HydraConfig.get().sweep.dir).name}"
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The configured loggers; a wandb logger without `name` / `group` gets this job's and sweep's."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        node = OmegaConf.to_container(node, resolve=True)
+        if str(node.get("_target_", "")).endswith("WandbLogger"):
+            node["name"] = node.get("name") or run_name(cfg)
+            node["group"] = node.get("group") or sweep_group(cfg)
+        loggers.append(instantiate(node))
+    return loggers
+
+
 def resolved_config(cfg: DictConfig) -> dict:
     """The run's fully resolved config (Hydra's own node left out), as loggers record it."""
     return {
@@ -60,46 +105,66 @@ def resolved_config(cfg: DictConfig) -> dict:
     }
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train (and export) one AddSR student.
-
-    Returns the final metrics, the run's output dir, the exported student folder (if any), and the
-    module, datamodule and trainer objects, for callers that go on in-process.
-    """
-    validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = AddSRModule(
+def build_module(cfg: DictConfig) -> pl.LightningModule:
+    """The stage's LightningModule: AddSRModule (stage=addsr) or TeacherModule (stage=teacher)."""
+    module_cls = TeacherModule if cfg.stage == "teacher" else AddSRModule
+    return module_cls(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         conditioning=OmegaConf.to_container(cfg.conditioning, resolve=True),
         method=OmegaConf.to_container(cfg.method, resolve=True),
         seed=cfg.seed,
     )
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
-    for logger in loggers:
-        if hasattr(logger, "log_hyperparams"):
-            logger.log_hyperparams(resolved_config(cfg))
-    trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
-    exit_code = 1
-    try:
+
+
+def export(cfg: DictConfig, module: pl.LightningModule) -> dict:
+    """Write what the stage trained: the EMA student (`student/`) or the teacher (`teacher/`)."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.stage == "teacher":
+        if not cfg.get("export_teacher", True):
+            return {}
+        teacher = export_teacher(module, out / "teacher")
+        log.info("Exported the teacher to %s", teacher)
+        print(f"Exported teacher: {teacher}")
+        return {"teacher": str(teacher)}
+    if not cfg.export_student:
+        return {}
+    scale = int(cfg.data.scale)
+    inference = {"psr": cfg.method.psr, "psr_weight": cfg.method.inference_psr_weight}
+    student = export_student(module, out / "student", scale, inference)
+    log.info("Exported the EMA student to %s", student)
+    print(f"Exported student: {student}")
+    return {"student": str(student)}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train (and export) one AddSR student, or its teacher with `stage=teacher`.
+
+    Returns the final metrics, the run's output dir, the exported folder (`student` or `teacher`,
+    if any), and the module, datamodule and trainer objects, for callers that go on in-process.
+    """
+    if cfg.stage == "teacher":
+        validate_teacher(cfg)
+    else:
+        validate(cfg)
+    with wandb_run_ends_with_job():
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
+        module = build_module(cfg)
+        loggers = build_loggers(cfg)
+        for logger in loggers:
+            if hasattr(logger, "log_hyperparams"):
+                logger.log_hyperparams(resolved_config(cfg))
+        trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        exit_code = 0
-    finally:
-        finish_wandb(exit_code)
-    result = {
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "output_dir": cfg.paths.output_dir,
-        "module": module,
-        "datamodule": datamodule,
-        "trainer": trainer,
-    }
-    if cfg.export_student and trainer.is_global_zero:
-        scale = int(cfg.data.scale)
-        inference = {"psr": cfg.method.psr, "psr_weight": cfg.method.inference_psr_weight}
-        student = export_student(module, Path(cfg.paths.output_dir) / "student", scale, inference)
-        log.info("Exported the EMA student to %s", student)
-        print(f"Exported student: {student}")
-        result["student"] = str(student)
+        result = {
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "output_dir": cfg.paths.output_dir,
+            "module": module,
+            "datamodule": datamodule,
+            "trainer": trainer,
+        }
+        if trainer.is_global_zero:
+            result |= export(cfg, module)
     return result
 
 

@@ -1,0 +1,312 @@
+"""The teacher stage: a SeeSR-style ControlNet SR model trained with the diffusion loss (paper Eq. 2).
+
+AddSR distils a trained teacher; this stage trains one on the same data pipeline and model presets.
+The teacher sees what a deployed SR model sees: the control image is the bicubic-upscaled LR in
+[0, 1], and its prompt and representation come from the LR. The noisy latent is the HR latent
+noised at a random timestep, and the loss is the MSE between predicted and true noise.
+
+The trained teacher is exported as a folder with `unet/` and `controlnet/` (diffusers
+`save_pretrained`), which `model.components.unet_path` / `controlnet_path` of the AddSR stage read.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, UNet2DConditionModel
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from addsr_pl.config import ConfigError, _choice, validate_weights
+from addsr_pl.method.ema import EMA
+from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
+from addsr_pl.method.sampler import Denoiser, add_noise, upscale
+from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning, PromptEncoder
+from addsr_pl.models.diffusion import DiffusionComponents, build_tiny_components, require_file
+from addsr_pl.models.vae import VaeCodec
+
+TEACHER_PARTS = ("unet", "controlnet")
+
+
+def select_teacher_trainable(
+    unet: nn.Module, controlnet: nn.Module, unet_trainable_modules: list[str]
+) -> None:
+    """SeeSR's trainable set: the whole ControlNet plus the UNet modules whose names end with one of
+    `unet_trainable_modules` (SeeSR: `image_attentions`; a plain SD2 UNet has none)."""
+    unet.requires_grad_(False)
+    controlnet.requires_grad_(True)
+    suffixes = tuple(unet_trainable_modules)
+    for name, module in unet.named_modules():
+        if suffixes and name.endswith(suffixes):
+            module.requires_grad_(True)
+
+
+class TeacherModule(pl.LightningModule):
+    """Trains the teacher UNet + ControlNet with the epsilon-prediction loss, conditioned on the LR.
+
+    Args:
+        model: the `model` config group as a plain dict (its `discriminator` is not used here).
+        conditioning: the `conditioning` group (prompt source and strings, tagger).
+        method: the `method` group of `conf/method/teacher.yaml`.
+        seed: the run's seed; random draws of step n on rank r come from (seed, r, n).
+    """
+
+    def __init__(self, model: dict, conditioning: dict, method: dict, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold only the trained weights; see on_load_checkpoint
+        self.method = method
+        self.seed = seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            components = instantiate(model["components"], _convert_="all")
+        if components.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(
+                f"The teacher stage trains epsilon prediction (Eq. 2); the scheduler predicts "
+                f"{components.scheduler.config.prediction_type!r}. Use an epsilon-prediction model (SD2-base)."
+            )
+        self.register_buffer(
+            "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
+        self.codec = VaeCodec(components.vae)
+        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
+        prompt_encoder = PromptEncoder(
+            components.text_encoder,
+            components.tokenizer,
+            conditioning["prompt"],
+            conditioning["positive_prompt"],
+            conditioning["negative_prompt"],
+        )
+        self.conditioner = Conditioner(prompt_encoder, tagger)
+        self.denoiser = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
+        self.codec.requires_grad_(False).eval()
+        self.conditioner.requires_grad_(False).eval()
+        select_teacher_trainable(components.unet, components.controlnet, method["unet_trainable_modules"])
+        self.ema = EMA(dict(self.trainable()), method["ema_decay"]) if method["ema_decay"] else None
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.micro_step = 0
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        """Frozen parts in the compute dtype of the trainer's precision; trained weights stay fp32."""
+        dtype = PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
+        self.codec.to(dtype)
+        self.conditioner.to(dtype)
+        for p in self.denoiser.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+    def train(self, mode: bool = True) -> TeacherModule:
+        super().train(mode)
+        self.codec.eval()
+        self.conditioner.eval()
+        return self
+
+    def generators(self, *parts: int) -> tuple[torch.Generator, torch.Generator]:
+        """(CPU, device) generators seeded from (seed, *parts): training draws (seed, rank, micro-step),
+        so ranks differ and a resumed run draws what the uninterrupted run would have."""
+        s = mix_seed(self.seed, *parts)
+        cpu = torch.Generator().manual_seed(s)
+        dev = torch.Generator(device=self.device).manual_seed(s) if self.device.type != "cpu" else cpu
+        return cpu, dev
+
+    # ----------------------------------------------------------------- Eq. 2
+    def diffusion_loss(self, hr: Tensor, lr: Tensor, t: Tensor, noise: Tensor, blank: Tensor) -> Tensor:
+        """Per-sample ||eps - eps_theta(z_t, t, LR)||^2, averaged over the latent.
+
+        z_t noises the HR latent (Eq. 1); the control image is the upscaled LR, and the prompt and
+        representation are computed from it; `blank` samples get the empty prompt.
+        """
+        lr_up = upscale(lr, hr.shape[-2:])
+        with torch.no_grad():
+            z0 = self.codec.encode(hr)
+        z_t = add_noise(z0, noise.to(z0.dtype), t, self.alphas_cumprod)  # Eq. 1
+        conditioning = Conditioning(
+            self.conditioner.text_embeds(lr_up, blank), self.conditioner.represent(lr_up)
+        )
+        eps = self.denoiser(z_t, t, lr_up, conditioning)
+        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        hr, lr = batch["hr"], batch["lr"]
+        b = hr.shape[0]
+        g_cpu, g_dev = self.generators(self.global_rank, self.micro_step)
+        low, high = self.method["timestep_range"]
+        t = torch.randint(low, high, (b,), generator=g_dev, device=self.device)
+        latent_shape = (b, self.codec.vae.config.latent_channels, *self.latent_size(hr))
+        noise = torch.randn(latent_shape, generator=g_dev, device=self.device)
+        blank = torch.rand(b, generator=g_cpu) < self.method["null_text_ratio"]
+        loss = self.diffusion_loss(hr, lr, t, noise, blank).mean()
+        self.micro_step += 1
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        self.log("train/iteration", self.iteration.float(), batch_size=b)
+        return loss
+
+    def latent_size(self, images: Tensor) -> tuple[int, int]:
+        f = self.codec.scale_factor
+        return images.shape[-2] // f, images.shape[-1] // f
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """One iteration = one optimizer step (after gradient accumulation); EMA follows it."""
+        super().optimizer_step(*args, **kwargs)
+        self.iteration += 1
+        if self.ema is not None:
+            self.ema.update()
+
+    # ----------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema.swapped_in() if self.ema is not None else None
+        if self._ema_context is not None:
+            self._ema_context.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_context is not None:
+            self._ema_context.__exit__(None, None, None)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Eq. 2 at fixed timesteps with fixed noise, full prompt: a curve comparable across runs."""
+        hr, lr = batch["hr"], batch["lr"]
+        b = hr.shape[0]
+        _, g_dev = self.generators(batch_idx)
+        noise = torch.randn(
+            (b, self.codec.vae.config.latent_channels, *self.latent_size(hr)),
+            generator=g_dev,
+            device=self.device,
+        )
+        blank = torch.zeros(b, dtype=torch.bool)
+        losses = []
+        for timestep in self.method["val_timesteps"]:
+            t = torch.full((b,), int(timestep), device=self.device, dtype=torch.long)
+            loss = self.diffusion_loss(hr, lr, t, noise, blank).mean()
+            self.log(f"val/loss_t{int(timestep)}", loss, batch_size=b, sync_dist=True)
+            losses.append(loss)
+        self.log("val/loss", torch.stack(losses).mean(), batch_size=b, sync_dist=True)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """SeeSR's max_grad_norm, from `method.grad_clip` (Lightning has unscaled the gradients here)."""
+        if self.method["grad_clip"]:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.method["grad_clip"], gradient_clip_algorithm="norm"
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for _, p in self.trainable() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm.float())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.method["optimizer"], params=[p for _, p in self.trainable()])
+        scheduler = instantiate(self.method["lr_scheduler"], optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def trained_state_keys(self) -> set[str]:
+        """What a checkpoint holds: the trained weights, their EMA, the iteration counter."""
+        keys = {f"denoiser.{n}" for n, _ in self.trainable()}
+        if self.ema is not None:
+            keys |= {f"ema.{k}" for k in self.ema.state_dict()}
+        return keys | {"iteration"}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["teacher_micro_step"] = self.micro_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, expected = set(checkpoint["state_dict"]), self.trained_state_keys()
+        if saved != expected:
+            missing, extra = sorted(expected - saved), sorted(saved - expected)
+            raise RuntimeError(
+                "This teacher checkpoint was written by a different configuration: "
+                f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})."
+            )
+        self.micro_step = checkpoint.get("teacher_micro_step", 0)
+
+
+def export_teacher(module: TeacherModule, out_dir: str | Path) -> Path:
+    """Write the trained teacher (the EMA weights where kept) as `unet/` and `controlnet/`, fp32 safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with module.ema.swapped_in() if module.ema is not None else nullcontext():
+        for name in TEACHER_PARTS:
+            # a copy: frozen weights may be in bf16 while trained ones are fp32
+            copy.deepcopy(getattr(module.denoiser, name)).float().save_pretrained(
+                out / name, safe_serialization=True
+            )
+    return out
+
+
+def load_teacher_parts(
+    components: DiffusionComponents, unet_path: str | None, controlnet_path: str | None
+) -> DiffusionComponents:
+    """Replace the UNet and/or ControlNet of `components` by an exported teacher's (`<folder>/unet/`,
+    `<folder>/controlnet/`)."""
+    for name, path, cls in (
+        ("unet", unet_path, UNet2DConditionModel),
+        ("controlnet", controlnet_path, ControlNetModel),
+    ):
+        if not path:
+            continue
+        root = Path(path).expanduser()
+        require_file(
+            root / name / "config.json",
+            f"teacher {name} ({name}/config.json)",
+            f"model.components.{name}_path",
+        )
+        setattr(components, name, cls.from_pretrained(root, subfolder=name))
+        components.sources[name] = str(root)
+    return components
+
+
+def build_tiny_teacher_components(
+    unet_path: str | None = None, controlnet_path: str | None = None, **preset
+) -> DiffusionComponents:
+    """The tiny preset (`build_tiny_components`), with a trained tiny teacher's UNet/ControlNet swapped in."""
+    return load_teacher_parts(build_tiny_components(**preset), unet_path, controlnet_path)
+
+
+def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
+    """Start-up checks of a teacher-stage config, naming key, value and what is allowed."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    required = ("unet_trainable_modules", "timestep_range", "null_text_ratio", "optimizer", "val_timesteps")
+    missing = [k for k in required if k not in method]
+    if missing:
+        raise ConfigError(
+            f"stage=teacher needs the teacher's method settings (missing method.{missing[0]}): "
+            "select them with `method=teacher` or use `stage=teacher`, which does."
+        )
+    low, high = method["timestep_range"]
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ConfigError(
+            f"method.timestep_range = {[low, high]}: needs 0 <= low < high <= {num_train_timesteps}"
+        )
+    if not all(0 <= t < num_train_timesteps for t in method["val_timesteps"]):
+        raise ConfigError(
+            f"method.val_timesteps = {method['val_timesteps']!r}: every timestep must lie in [0, {num_train_timesteps})"
+        )
+    if not 0.0 <= float(method["null_text_ratio"]) <= 1.0:
+        raise ConfigError(f"method.null_text_ratio = {method['null_text_ratio']!r}: must lie in [0, 1]")
+    if method["ema_decay"] is not None and not 0.0 < float(method["ema_decay"]) < 1.0:
+        raise ConfigError(
+            f"method.ema_decay = {method['ema_decay']!r}: must lie in (0, 1), or null for no EMA"
+        )
+    if int(method["accumulate_grad_batches"]) < 1:
+        raise ConfigError(
+            f"method.accumulate_grad_batches = {method['accumulate_grad_batches']!r}: must be at least 1"
+        )
+    conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
+    _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
+    validate_weights(OmegaConf.to_container(cfg.model, resolve=True))

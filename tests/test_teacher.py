@@ -1,0 +1,125 @@
+"""The teacher stage: Eq. 2 on the LR-conditioned prediction, SeeSR's trainable set, export, and the
+AddSR stage distilling from the exported teacher (tiny models, CPU)."""
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+from torch import nn
+
+from addsr_pl.config import ConfigError
+from addsr_pl.method.sampler import add_noise, upscale
+from addsr_pl.method.teacher import TeacherModule, select_teacher_trainable, validate_teacher
+from addsr_pl.train import train
+
+from conftest import compose_train, to_dicts
+
+FAST = ["data.crop_size=32", "trainer.limit_val_batches=0"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, cache_dir):
+    """Two teacher iterations (two micro-batches each) and the exported teacher folder."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = compose_train(out, ["stage=teacher", *FAST, "trainer.max_steps=2"], cache_dir)
+    fresh = TeacherModule(**to_dicts(cfg))  # the same start: tiny models are built from seeds
+    result = train(cfg)
+    return cfg, fresh, result
+
+
+def test_the_loss_is_eq2_on_the_hr_latent_with_the_lr_as_control(make_cfg, sample_pair):
+    module = TeacherModule(**to_dicts(make_cfg(["stage=teacher"])))
+    hr, lr = sample_pair
+    seen = {}
+
+    def controlnet_inputs(_, args, kwargs):
+        seen["z_t"], seen["t"] = args[0], args[1]
+        seen["control"], seen["text"] = kwargs["controlnet_cond"], kwargs["encoder_hidden_states"]
+
+    def unet_output(_, args, kwargs, output):
+        seen["eps"] = output[0]
+
+    module.denoiser.controlnet.register_forward_pre_hook(controlnet_inputs, with_kwargs=True)
+    module.denoiser.unet.register_forward_hook(unet_output, with_kwargs=True)
+    t = torch.tensor([600])
+    noise = torch.randn(1, 4, *module.latent_size(hr), generator=torch.Generator().manual_seed(0))
+    for blank, prompt in ((False, module.conditioner.prompt_encoder.positive_prompt), (True, "")):
+        loss = module.diffusion_loss(hr, lr, t, noise, torch.tensor([blank]))
+        torch.testing.assert_close(seen["control"], upscale(lr, hr.shape[-2:]), rtol=0, atol=0)
+        z0 = module.codec.encode(hr)
+        torch.testing.assert_close(seen["z_t"], add_noise(z0, noise, t, module.alphas_cumprod))
+        assert torch.equal(seen["t"], t)
+        torch.testing.assert_close(seen["text"], module.conditioner.prompt_encoder.encode([prompt]))
+        torch.testing.assert_close(loss, (seen["eps"] - noise).pow(2).mean().reshape(1))
+
+
+def test_seesr_trainable_set_is_the_controlnet_and_the_unets_image_attentions():
+    unet = nn.ModuleDict(
+        {"down": nn.ModuleDict({"image_attentions": nn.Linear(2, 2), "attentions": nn.Linear(2, 2)})}
+    )
+    controlnet = nn.ModuleDict({"block": nn.Linear(2, 2), "cond": nn.Linear(2, 2)})
+    controlnet.requires_grad_(False)
+    select_teacher_trainable(unet, controlnet, ["image_attentions"])
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
+        "down.image_attentions.weight",
+        "down.image_attentions.bias",
+    }
+    assert all(p.requires_grad for p in controlnet.parameters())
+
+
+def test_teacher_training_moves_the_controlnet_and_nothing_else(teacher_run):
+    _, fresh, result = teacher_run
+    module = result["module"]
+    assert int(module.iteration) == 2
+    before, after = fresh.state_dict(), module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {f"denoiser.{n}" for n, _ in module.trainable()}
+    # the tiny UNet has no image_attentions: SeeSR's set is the whole ControlNet here
+    assert trainable == {
+        f"denoiser.{n}" for n, _ in module.denoiser.named_parameters() if n.startswith("controlnet.")
+    }
+    assert changed - {"iteration"} == trainable
+
+
+def test_the_exported_teacher_is_what_the_addsr_stage_distils(teacher_run, make_cfg):
+    cfg, fresh, result = teacher_run
+    folder = result["teacher"]
+    exported = ControlNetModel.from_pretrained(folder, subfolder="controlnet").state_dict()
+    trained = result["module"].denoiser.controlnet.state_dict()
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)
+
+    addsr = make_cfg(
+        [
+            *FAST,
+            "trainer.max_steps=1",
+            "export_student=false",
+            f"model.components.controlnet_path={folder}",
+            f"model.components.unet_path={folder}",
+        ]
+    )
+    module = train(addsr)["module"]
+    assert int(module.iteration) == 1
+    teacher = module.teacher.controlnet.state_dict()
+    assert all(torch.equal(teacher[k], exported[k]) for k in exported)  # frozen, loaded from the folder
+    untrained = fresh.denoiser.controlnet.state_dict()
+    assert not all(torch.equal(teacher[k], untrained[k]) for k in untrained)
+    # the student starts from the teacher: its frozen weights are the teacher's
+    student = module.student.controlnet
+    frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
+    assert frozen and all(torch.equal(student.state_dict()[n], exported[n]) for n in frozen)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["method.timestep_range=[0,2000]"],
+            r"method.timestep_range = \[0, 2000\]: needs 0 <= low < high <= 1000",
+        ),
+        (["method.null_text_ratio=2"], r"method.null_text_ratio = 2: must lie in \[0, 1\]"),
+        (["method=addsr"], r"stage=teacher needs the teacher's method settings"),
+    ],
+)
+def test_bad_teacher_values_are_named(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_teacher(make_cfg(["stage=teacher", *overrides]))
