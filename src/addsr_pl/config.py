@@ -92,14 +92,25 @@ def _weight_paths(node, prefix: str):
                 yield from _weight_paths(value, name)
 
 
-def validate_weights(node: dict, prefix: str) -> None:
-    """Every weight folder or file named under `node` exists."""
-    for key, path in _weight_paths(node, prefix):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(
-                f"{key} = {path!r}: no such file or folder. Point it at your local copy "
-                "(see the README's 'Weights' section), e.g. `paths.weights_dir=/data/weights`."
-            )
+def missing_weights(node: dict, prefix: str) -> list[str]:
+    """'key = path' for every weight folder or file named under `node` that does not exist."""
+    return [
+        f"{key} = {path!r}"
+        for key, path in _weight_paths(node, prefix)
+        if not Path(path).expanduser().exists()
+    ]
+
+
+def validate_weights(*sections: tuple[dict, str]) -> None:
+    """Every weight folder or file the config names exists; all missing ones are listed at once."""
+    missing = [line for node, prefix in sections for line in missing_weights(node, prefix)]
+    if missing:
+        raise ConfigError(
+            "Weight files or folders not found:\n  "
+            + "\n  ".join(f"{line}: no such file or folder" for line in missing)
+            + "\nPoint them at your local copies (see the README's 'Weights' section), "
+            "e.g. `paths.weights_dir=/data/weights`."
+        )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -110,5 +121,6 @@ def validate(cfg: DictConfig) -> None:
     _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
     if cfg.stage != "addsr":
         _fail("stage", cfg.stage, "must be 'addsr' (distil the student)")
-    validate_weights(OmegaConf.to_container(cfg.model, resolve=True), "model")
-    validate_weights(conditioning, "conditioning")
+    validate_weights(
+        (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
+    )

@@ -309,4 +309,6 @@ def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
         )
     conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
     _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
-    validate_weights(OmegaConf.to_container(cfg.model, resolve=True))
+    validate_weights(
+        (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
+    )
