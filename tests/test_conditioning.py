@@ -114,3 +114,38 @@ def test_the_tiny_training_step_runs_with_each_prompt_source(make_cfg, condition
     assert torch.isfinite(torch.tensor(result["metrics"]["train/loss_g"]))
     if conditioning != "fixed":
         assert module.conditioner.use_representation and module.conditioner.prompt_encoder.prompt == "tags"
+
+
+@pytest.mark.parametrize(("control", "prompt"), [("hr", "lr"), ("lr", "hr")])
+def test_table4_cells_split_the_teacher_control_image_from_its_prompt_source(
+    make_cfg, sample_pair, control, prompt
+):
+    module = AddSRModule(
+        **to_dicts(
+            make_cfg(
+                [
+                    "model=tiny_seesr",
+                    "conditioning=tiny_ram",
+                    "method.null_text_ratio=0",
+                    f"method.teacher_control_image={control}",
+                    f"method.teacher_prompt_source={prompt}",
+                ]
+            )
+        )
+    )
+    teacher = capture(module.teacher.controlnet)
+    seen_control = []
+    module.teacher.controlnet.register_forward_pre_hook(
+        lambda m, a, kw: seen_control.append(kw["controlnet_cond"].clone()), with_kwargs=True
+    )
+    hr, lr = sample_pair
+    lr_up = upscale(lr, hr.shape[-2:])
+    g = torch.Generator().manual_seed(0)
+    module.teacher_targets(module.student_unroll(hr, lr_up, g, g), hr, g)
+    image = {"hr": hr, "lr": lr_up}
+    torch.testing.assert_close(seen_control[0], image[control].repeat_interleave(4, 0))
+    representation = module.conditioner.tagger.representation(image[prompt])
+    torch.testing.assert_close(teacher[0][1], representation.repeat_interleave(4, 0))
+    torch.testing.assert_close(
+        teacher[0][0], module.conditioner.text_embeds(image[prompt]).repeat_interleave(4, 0)
+    )

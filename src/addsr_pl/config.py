@@ -55,6 +55,8 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
         )
     _choice(method, "method", "ta_indexing", TA_INDEXING)
     _choice(method, "method", "teacher_condition", ("hr", "lr"))
+    _choice(method, "method", "teacher_control_image", (None, "hr", "lr"))
+    _choice(method, "method", "teacher_prompt_source", (None, "hr", "lr"))
     _choice(method, "method", "distill_space", ("pixel", "latent"))
     _choice(method, "method", "unroll_start", ("random", "first"))
     _choice(method, "method", "student_start", ("hr", "lr"))

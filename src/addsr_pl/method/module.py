@@ -197,7 +197,8 @@ class AddSRModule(pl.LightningModule):
         """Teacher x0 at n random t per sample on the re-noised student x0, in one batched forward.
 
         `teacher_condition: hr` (IQ-ADD) gives the teacher the HR image as control image, prompt and
-        representation source; `lr` gives it the upscaled LR, as the student sees.
+        representation source; `lr` gives it the upscaled LR, as the student sees. The paper's Table 4
+        splits the two: `teacher_control_image` and `teacher_prompt_source` (hr|lr) override each.
         """
         m = self.method
         n = m["teacher_timesteps_per_sample"]
@@ -208,11 +209,15 @@ class AddSRModule(pl.LightningModule):
         z_t = add_noise(
             x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t, self.alphas_cumprod
         )
-        source = hr if m["teacher_condition"] == "hr" else unroll.lr_up
+        image = {"hr": hr, "lr": unroll.lr_up}
+        control = image[m["teacher_control_image"] or m["teacher_condition"]]
+        prompt_source = image[m["teacher_prompt_source"] or m["teacher_condition"]]
         image_prompt = self.conditioner.prompt_encoder.prompt == "tags"
-        text = self.conditioner.text_embeds(source, unroll.blank) if image_prompt else unroll.text_embeds
-        conditioning = Conditioning(text, self.conditioner.represent(source)).repeat(n)
-        eps = self.teacher(z_t, t, source.repeat_interleave(n, 0), conditioning)
+        text = (
+            self.conditioner.text_embeds(prompt_source, unroll.blank) if image_prompt else unroll.text_embeds
+        )
+        conditioning = Conditioning(text, self.conditioner.represent(prompt_source)).repeat(n)
+        eps = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
         x0_teacher = predict_x0(z_t, eps, t, self.alphas_cumprod)
         if m["distill_space"] == "pixel":
             x0_teacher = self.codec.decode(x0_teacher).clamp(0, 1)
