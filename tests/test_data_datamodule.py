@@ -223,3 +223,51 @@ def test_crop_size_and_scale_must_agree_with_the_parts(sample_train):
         make_dm(sample_train, crop_size=30)
     with pytest.raises(ValueError, match="differs from data.scale"):
         AddSRDataModule(sample_train, None, BicubicDegradation(2), scale=4, crop_size=32)
+
+
+class _ValRecorder(_Recorder):
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(batch)
+
+
+def test_validation_batches_are_the_fixed_pairs_not_degraded(sample_train):
+    from addsr_pl.data.datasets import SamplePairedDataset
+
+    val = SamplePairedDataset(["chelsea", "rocket"], crop_size=32)
+    dm = AddSRDataModule(
+        sample_train, val, BicubicDegradation(4), crop_size=32, batch_size=2, val_batch_size=2
+    )
+    model = _ValRecorder()
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(model, datamodule=dm)
+    (batch,) = model.seen
+    assert batch["name"] == ["chelsea", "rocket"]
+    assert torch.equal(batch["lr"][1], val[1]["lr"]) and torch.equal(batch["hr"][0], val[0]["hr"])
+    assert dm.batch_counter == 0
+
+
+class _NumpyNoise(torch.utils.data.Dataset):
+    """A third-party-style dataset that draws from NumPy's global RNG."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, item):
+        import numpy as np
+
+        return {"hr": torch.full((3, 8, 8), float(np.random.rand()))}  # noqa: NPY002 -- the point of the test
+
+
+def test_workers_seed_global_rngs_reproducibly():
+    def draws(seed):
+        dm = AddSRDataModule(
+            _NumpyNoise(), None, BicubicDegradation(4), crop_size=8, batch_size=2, seed=seed, num_workers=2
+        )
+        return torch.cat([b["hr"][:, 0, 0, 0] for b in dm.train_dataloader()])
+
+    first, second = draws(3), draws(3)
+    assert torch.equal(first, second)
+    assert len(set(first.tolist())) == len(first)  # the two workers do not repeat each other
+    assert not torch.equal(first, draws(4))
