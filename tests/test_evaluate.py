@@ -2,13 +2,12 @@
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
-from test_metrics import _psnr_y, _y
+from test_metrics import _psnr_y, _ssim_y
 
 from addsr_pl.data.datasets import SamplePairedDataset
 from addsr_pl.evaluate import evaluate
@@ -45,27 +44,6 @@ def evaluation(tiny_student, tmp_path_factory):
     return out, evaluate(cfg)
 
 
-def ssim_y_clipped(sr, hr, border):
-    """SSIM on 8-bit luma as pyiqa computes it: Wang et al. (2004), 11x11 Gaussian window (sigma 1.5),
-    'valid' filtering, with the contrast-structure term clipped at zero (pyiqa's only departure from
-    MATLAB/BasicSR; it matters where local structure is anti-correlated, i.e. for poor outputs)."""
-    coords = np.arange(11) - 5
-    g = np.exp(-(coords**2) / (2 * 1.5**2))
-    window = np.outer(g, g) / np.outer(g, g).sum()
-
-    def filt(x):
-        windows = np.lib.stride_tricks.sliding_window_view(x, (11, 11), axis=(1, 2))
-        return (windows * window).sum(axis=(-1, -2))
-
-    crop = (slice(None), slice(border, -border), slice(border, -border))
-    x, y = np.round(_y(sr))[crop], np.round(_y(hr))[crop]
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = filt(x), filt(y)
-    sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
-    cs = np.maximum((2 * sxy + c2) / (sxx + syy + c2), 0)
-    return (((2 * mx * my + c1) / (mx**2 + my**2 + c1)) * cs).mean(axis=(1, 2))
-
-
 def rows(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -99,7 +77,7 @@ def test_psnr_and_ssim_match_independent_computations(evaluation, tiny_student):
             record = records[(method, steps, item["name"])]
             sr64, hr64 = sr.double().clamp(0, 1).numpy(), hr.double().numpy()
             expected_psnr = _psnr_y(sr64, hr64, 4)[0]
-            expected_ssim = ssim_y_clipped(sr64, hr64, 4)[0]
+            expected_ssim = _ssim_y(sr64, hr64, 4, clip_cs=True)[0]  # pyiqa's SSIM
             assert float(record["psnr"]) == pytest.approx(expected_psnr, abs=1e-4)
             assert float(record["ssim"]) == pytest.approx(expected_ssim, abs=1e-4), method
         assert not torch.equal(bicubic, student)

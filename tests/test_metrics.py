@@ -31,8 +31,11 @@ def _psnr_y(sr, hr, border):
     return 10 * np.log10(1 / (diff**2).mean(axis=(1, 2)))
 
 
-def _ssim_y(sr, hr, border):
-    """Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), 'valid' filtering, 8-bit luma."""
+def _ssim_y(sr, hr, border, clip_cs=False):
+    """Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), 'valid' filtering, 8-bit luma.
+
+    `clip_cs` clips the contrast-structure term at zero, as pyiqa does (its only departure from
+    MATLAB/BasicSR; it shows where local structure is anti-correlated, i.e. for poor outputs)."""
     coords = np.arange(11) - 5
     g = np.exp(-(coords**2) / (2 * 1.5**2))
     window = np.outer(g, g) / np.outer(g, g).sum()
@@ -46,8 +49,10 @@ def _ssim_y(sr, hr, border):
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mx, my = filt(x), filt(y)
     sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
-    ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return ssim_map.mean(axis=(1, 2))
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    if clip_cs:
+        cs = np.maximum(cs, 0)
+    return (((2 * mx * my + c1) / (mx**2 + my**2 + c1)) * cs).mean(axis=(1, 2))
 
 
 def test_psnr_and_ssim_on_y_match_independent_formulas(tmp_path):
