@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def wandb_records(path: Path):
         if left < 7 or (length, kind) == (0, 0):  # block trailer padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # the writer is mid-record
+            return
         chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -53,10 +56,27 @@ def wandb_records(path: Path):
             yield record
 
 
-def offline_run(job_dir: Path) -> dict:
-    """The job's single offline run: id, name, group, merged config, exit code, logged metric keys."""
+def offline_run(job_dir: Path, patience_s: float = 60.0) -> dict:
+    """The job's single offline run: id, name, group, merged config, exit code, logged metric keys.
+
+    wandb's service process writes the log asynchronously; a finished run's log ends with its exit
+    record, so read until that record is there (or `patience_s` has passed).
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        run = parse_offline_run(job_dir)
+        if (run is not None and run["exit_code"] is not None) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert run is not None, f"{job_dir}: no wandb run"
+    return run
+
+
+def parse_offline_run(job_dir: Path) -> dict | None:
     files = list(job_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, f"{job_dir}: {len(files)} wandb runs"
+    assert len(files) <= 1, f"{job_dir}: {len(files)} wandb runs"
+    if not files:
+        return None
     run = {"config": {}, "exit_code": None, "history": set()}
     for record in wandb_records(files[0]):
         kind = record.WhichOneof("record_type")
