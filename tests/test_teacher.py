@@ -123,3 +123,13 @@ def test_the_exported_teacher_is_what_the_addsr_stage_distils(teacher_run, make_
 def test_bad_teacher_values_are_named(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_teacher(make_cfg(["stage=teacher", *overrides]))
+
+
+def test_with_ema_the_export_holds_the_ema_weights(make_cfg):
+    cfg = make_cfg(["stage=teacher", *FAST, "trainer.max_steps=1", "method.ema_decay=0.5"])
+    result = train(cfg)
+    module = result["module"]
+    exported = ControlNetModel.from_pretrained(result["teacher"], subfolder="controlnet").state_dict()
+    for name, _ in module.trainable():
+        assert torch.equal(exported[name.removeprefix("controlnet.")], module.ema.shadow(name))
+    assert not all(torch.equal(exported[n.removeprefix("controlnet.")], p) for n, p in module.trainable())
