@@ -35,8 +35,8 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
-demo: install ## the main job on its embedded default: a tiny AddSR distilled on the sample photos (CPU)
-	$(PY) -m addsr_pl.train model=tiny data=sample trainer=cpu trainer.max_steps=20 hydra.run.dir=outputs/demo
+demo: install ## the main job on its embedded default: tiny VAE, teacher and AddSR student on the sample photos (CPU), then outputs/demo/report.html
+	$(PY) -m addsr_pl.demo
 
 clean: ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun build dist src/*.egg-info

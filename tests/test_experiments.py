@@ -18,6 +18,8 @@ CELLS = {
     "addsr": {},
     "tab4_teacher_hr": {},
     "tab4_teacher_lr": {"teacher_condition": "lr"},
+    "tab4_control_hr_prompt_lr": {"teacher_prompt_source": "lr"},
+    "tab4_control_lr_prompt_hr": {"teacher_control_image": "lr"},
     "tab5_psr_on": {},
     "tab5_psr_off": {"psr": False},
     "tab6_ta_on": {},

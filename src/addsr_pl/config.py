@@ -117,12 +117,17 @@ def validate_weights(*sections: tuple[dict, str]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the parts of a training config that would otherwise fail minutes (or hours) in."""
+    if cfg.stage == "teacher":
+        from addsr_pl.method.teacher import validate_teacher  # the teacher stage's own method keys
+
+        validate_teacher(cfg)
+        return
+    if cfg.stage != "addsr":
+        _fail("stage", cfg.stage, "must be 'addsr' (distil the student) or 'teacher' (train its teacher)")
     method = OmegaConf.to_container(cfg.method, resolve=True)
     validate_method(method)
     conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
     _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
-    if cfg.stage != "addsr":
-        _fail("stage", cfg.stage, "must be 'addsr' (distil the student)")
     validate_weights(
         (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
     )

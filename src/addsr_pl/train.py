@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from addsr_pl.config import validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
-from addsr_pl.method.teacher import TeacherModule, export_teacher, validate_teacher
+from addsr_pl.method.teacher import TeacherModule, export_teacher
 from addsr_pl.paths import config_dir
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,7 @@ def train(cfg: DictConfig) -> dict:
     Returns the final metrics, the run's output dir, the exported folder (`student` or `teacher`,
     if any), and the module, datamodule and trainer objects, for callers that go on in-process.
     """
-    if cfg.stage == "teacher":
-        validate_teacher(cfg)
-    else:
-        validate(cfg)
+    validate(cfg)
     with wandb_run_ends_with_job():
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)

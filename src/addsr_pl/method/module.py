@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from addsr_pl.inference.pipeline import AddSRPipeline
+from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import (
     discriminator_hinge_loss,
@@ -52,7 +53,7 @@ class Unroll:
         return self.steps[-1]
 
 
-class AddSRModule(pl.LightningModule):
+class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
     """Adversarial diffusion distillation of a ControlNet SR teacher into a few-step student.
 
     Args:
@@ -61,6 +62,8 @@ class AddSRModule(pl.LightningModule):
         method: the `method` config group as a plain dict (every number of the method).
         seed: the run's seed; random draws of step n on rank r come from (seed, r, n).
     """
+
+    MICRO_STEP_KEY = "addsr_micro_step"
 
     def __init__(self, model: dict, conditioning: dict, method: dict, seed: int = 0):
         super().__init__()
@@ -381,19 +384,3 @@ class AddSRModule(pl.LightningModule):
         keys |= {f"ema.{k}" for k in self.ema.state_dict()}
         keys |= {f"discriminator.{k}" for k in self.discriminator.trainable_state_keys()}
         return keys | {"iteration"}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trained_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["addsr_micro_step"] = self.micro_step
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = set(checkpoint["state_dict"])
-        expected = self.trained_state_keys()
-        if saved != expected:
-            missing, extra = sorted(expected - saved), sorted(saved - expected)
-            raise RuntimeError(
-                "This checkpoint was written by a different configuration (trainable set or model): "
-                f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})."
-            )
-        self.micro_step = checkpoint.get("addsr_micro_step", 0)

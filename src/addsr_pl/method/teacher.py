@@ -18,17 +18,16 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, UNet2DConditionModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from addsr_pl.config import ConfigError, _choice, validate_weights
+from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
 from addsr_pl.method.sampler import Denoiser, add_noise, upscale
 from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning, PromptEncoder
-from addsr_pl.models.diffusion import DiffusionComponents, build_tiny_components, require_file
 from addsr_pl.models.vae import VaeCodec
 
 TEACHER_PARTS = ("unet", "controlnet")
@@ -47,7 +46,7 @@ def select_teacher_trainable(
             module.requires_grad_(True)
 
 
-class TeacherModule(pl.LightningModule):
+class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
     """Trains the teacher UNet + ControlNet with the epsilon-prediction loss, conditioned on the LR.
 
     Args:
@@ -56,6 +55,8 @@ class TeacherModule(pl.LightningModule):
         method: the `method` group of `conf/method/teacher.yaml`.
         seed: the run's seed; random draws of step n on rank r come from (seed, r, n).
     """
+
+    MICRO_STEP_KEY = "teacher_micro_step"
 
     def __init__(self, model: dict, conditioning: dict, method: dict, seed: int = 0):
         super().__init__()
@@ -220,21 +221,6 @@ class TeacherModule(pl.LightningModule):
             keys |= {f"ema.{k}" for k in self.ema.state_dict()}
         return keys | {"iteration"}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trained_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["teacher_micro_step"] = self.micro_step
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, expected = set(checkpoint["state_dict"]), self.trained_state_keys()
-        if saved != expected:
-            missing, extra = sorted(expected - saved), sorted(saved - expected)
-            raise RuntimeError(
-                "This teacher checkpoint was written by a different configuration: "
-                f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})."
-            )
-        self.micro_step = checkpoint.get("teacher_micro_step", 0)
-
 
 def export_teacher(module: TeacherModule, out_dir: str | Path) -> Path:
     """Write the trained teacher (the EMA weights where kept) as `unet/` and `controlnet/`, fp32 safetensors."""
@@ -247,35 +233,6 @@ def export_teacher(module: TeacherModule, out_dir: str | Path) -> Path:
                 out / name, safe_serialization=True
             )
     return out
-
-
-def load_teacher_parts(
-    components: DiffusionComponents, unet_path: str | None, controlnet_path: str | None
-) -> DiffusionComponents:
-    """Replace the UNet and/or ControlNet of `components` by an exported teacher's (`<folder>/unet/`,
-    `<folder>/controlnet/`)."""
-    for name, path, cls in (
-        ("unet", unet_path, UNet2DConditionModel),
-        ("controlnet", controlnet_path, ControlNetModel),
-    ):
-        if not path:
-            continue
-        root = Path(path).expanduser()
-        require_file(
-            root / name / "config.json",
-            f"teacher {name} ({name}/config.json)",
-            f"model.components.{name}_path",
-        )
-        setattr(components, name, cls.from_pretrained(root, subfolder=name))
-        components.sources[name] = str(root)
-    return components
-
-
-def build_tiny_teacher_components(
-    unet_path: str | None = None, controlnet_path: str | None = None, **preset
-) -> DiffusionComponents:
-    """The tiny preset (`build_tiny_components`), with a trained tiny teacher's UNet/ControlNet swapped in."""
-    return load_teacher_parts(build_tiny_components(**preset), unet_path, controlnet_path)
 
 
 def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:

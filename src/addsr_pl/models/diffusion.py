@@ -179,6 +179,9 @@ def build_tiny_components(
     cache_dir: str,
     zero_conv_std: float = 0.0,
     image_cross_attention_dim: int | None = None,
+    unet_path: str | None = None,
+    controlnet_path: str | None = None,
+    vae_path: str | None = None,
 ) -> DiffusionComponents:
     """Random-initialised SD-shaped components from small config dicts (CPU, seconds).
 
