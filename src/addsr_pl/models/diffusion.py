@@ -213,7 +213,7 @@ def build_tiny_components(
         zero_convs = [*controlnet_model.controlnet_down_blocks, controlnet_model.controlnet_mid_block]
         for conv in [*zero_convs, controlnet_model.controlnet_cond_embedding.conv_out]:
             nn.init.normal_(conv.weight, std=zero_conv_std)
-    return DiffusionComponents(
+    components = DiffusionComponents(
         unet=unet_model,
         controlnet=controlnet_model,
         vae=AutoencoderKL(**vae),
@@ -224,3 +224,21 @@ def build_tiny_components(
             name: None for name in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
         },
     )
+    return swap_in_folders(components, unet=unet_path, controlnet=controlnet_path, vae=vae_path)
+
+
+def swap_in_folders(components: DiffusionComponents, **folders: str | None) -> DiffusionComponents:
+    """Replace components by trained ones saved with `save_pretrained`: `name=<folder holding name/>`.
+
+    Each keeps its class (a SeeSR UNet stays one); the folder is recorded in `sources`.
+    """
+    for name, folder in folders.items():
+        if not folder:
+            continue
+        root = Path(folder).expanduser()
+        require_file(
+            root / name / "config.json", f"{name} ({name}/config.json)", f"model.components.{name}_path"
+        )
+        setattr(components, name, type(getattr(components, name)).from_pretrained(root, subfolder=name))
+        components.sources[name] = str(root)
+    return components
