@@ -41,17 +41,10 @@ def components(preset: str):
 
 
 def ours(parts, conditioning, timesteps, psr_weight, device, dtype, compile_models: bool) -> AddSRPipeline:
-    prompt = PromptEncoder(
-        parts.text_encoder,
-        parts.tokenizer,
-        conditioning["prompt"],
-        conditioning["positive_prompt"],
-        conditioning["negative_prompt"],
-    )
     pipeline = AddSRPipeline(
         Denoiser(parts.unet, parts.controlnet).eval(),
         VaeCodec(parts.vae).eval(),
-        Conditioner(prompt).eval(),
+        Conditioner.from_config(parts.text_encoder, parts.tokenizer, parts.unet, conditioning).eval(),
         parts.scheduler.alphas_cumprod.clone().float(),
         timesteps,
         psr=True,

@@ -149,3 +149,10 @@ def test_table4_cells_split_the_teacher_control_image_from_its_prompt_source(
     torch.testing.assert_close(
         teacher[0][0], module.conditioner.text_embeds(image[prompt]).repeat_interleave(4, 0)
     )
+
+
+def test_the_teacher_stage_trains_a_seesr_teacher_with_its_representation(make_cfg):
+    result = train(make_cfg([*FAST, "stage=teacher", "model=tiny_seesr", "conditioning=tiny_ram"]))
+    module = result["module"]
+    assert int(module.iteration) == 1 and module.conditioner.use_representation
+    assert any(".image_attentions." in n for n, _ in module.trainable())

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import Tensor
 
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
 from addsr_pl.method.export import FORMAT, MANIFEST
 from addsr_pl.method.sampler import Denoiser, StudentStep, sample_student, upscale
-from addsr_pl.models.conditioning import Conditioner, PromptEncoder
+from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.diffusion import require_file
-from addsr_pl.models.trainable import has_image_attention
 from addsr_pl.models.vae import VaeCodec
 
 
@@ -196,24 +194,12 @@ class AddSRPipeline:
                 location, f"student component '{name}'", f"components.{name}.path in {manifest_file}"
             )
             parts[name] = _load_class(spec["class"]).from_pretrained(root, **kwargs)
-        conditioning = manifest["conditioning"]
-        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
-        prompt_encoder = PromptEncoder(
-            parts["text_encoder"],
-            parts["tokenizer"],
-            conditioning["prompt"],
-            conditioning["positive_prompt"],
-            conditioning["negative_prompt"],
-        )
         sampler = manifest["sampler"]
         pipeline = cls(
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
             VaeCodec(parts["vae"]).eval(),
-            Conditioner(
-                prompt_encoder,
-                tagger,
-                has_image_attention(parts["unet"]),
-                conditioning.get("manual_prompt", ""),
+            Conditioner.from_config(
+                parts["text_encoder"], parts["tokenizer"], parts["unet"], manifest["conditioning"]
             ).eval(),
             parts["scheduler"].alphas_cumprod.clone().float(),
             sampler["student_timesteps"],

@@ -23,8 +23,8 @@ from addsr_pl.method.losses import (
     ta_weights,
 )
 from addsr_pl.method.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
-from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder
-from addsr_pl.models.trainable import has_image_attention, select_trainable
+from addsr_pl.models.conditioning import Conditioner, Conditioning
+from addsr_pl.models.trainable import select_trainable
 from addsr_pl.models.vae import VaeCodec
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
@@ -89,19 +89,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         )
         self.register_buffer("student_timesteps", torch.tensor(method["student_timesteps"]), persistent=False)
         self.codec = VaeCodec(components.vae)
-        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
-        prompt_encoder = PromptEncoder(
-            components.text_encoder,
-            components.tokenizer,
-            conditioning["prompt"],
-            conditioning["positive_prompt"],
-            conditioning["negative_prompt"],
-        )
-        self.conditioner = Conditioner(
-            prompt_encoder,
-            tagger,
-            has_image_attention(components.unet),
-            conditioning.get("manual_prompt", ""),
+        self.conditioner = Conditioner.from_config(
+            components.text_encoder, components.tokenizer, components.unet, conditioning
         )
         self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
         self.student = Denoiser(

@@ -27,7 +27,7 @@ from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
 from addsr_pl.method.sampler import Denoiser, add_noise, upscale
-from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning, PromptEncoder
+from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning
 from addsr_pl.models.vae import VaeCodec
 
 TEACHER_PARTS = ("unet", "controlnet")
@@ -76,15 +76,9 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
             "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
         )
         self.codec = VaeCodec(components.vae)
-        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
-        prompt_encoder = PromptEncoder(
-            components.text_encoder,
-            components.tokenizer,
-            conditioning["prompt"],
-            conditioning["positive_prompt"],
-            conditioning["negative_prompt"],
+        self.conditioner = Conditioner.from_config(
+            components.text_encoder, components.tokenizer, components.unet, conditioning
         )
-        self.conditioner = Conditioner(prompt_encoder, tagger)
         self.denoiser = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
         self.codec.requires_grad_(False).eval()
         self.conditioner.requires_grad_(False).eval()

@@ -124,6 +124,26 @@ class Conditioner(nn.Module):
                 "set conditioning.tagger (e.g. conditioning=ram)"
             )
 
+    @classmethod
+    def from_config(
+        cls, text_encoder: nn.Module, tokenizer, unet: nn.Module, conditioning: dict
+    ) -> Conditioner:
+        """The conditioner of a `conditioning` config group for these models: the representation is
+        used exactly when the UNet has SeeSR's image cross-attention."""
+        from hydra.utils import instantiate
+
+        from addsr_pl.models.trainable import has_image_attention
+
+        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
+        prompt_encoder = PromptEncoder(
+            text_encoder,
+            tokenizer,
+            conditioning["prompt"],
+            conditioning["positive_prompt"],
+            conditioning["negative_prompt"],
+        )
+        return cls(prompt_encoder, tagger, has_image_attention(unet), conditioning.get("manual_prompt", ""))
+
     def texts(self, images: Tensor, manual: list[str] | None = None) -> list[str]:
         b = images.shape[0]
         tags = self.tagger(images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
