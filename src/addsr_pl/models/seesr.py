@@ -82,6 +82,20 @@ def _run_image_attention(image_attention: nn.Module, text_attention, args, kwarg
 class _ImageCrossAttention:
     """What SeeSR adds to a diffusers UNet/ControlNet; mixed into the two model classes below."""
 
+    def _seesr_setup(self, use_image_cross_attention: bool, image_cross_attention_dim: int) -> None:
+        """The end of both models' __init__: record SeeSR's two config keys, add the image attentions."""
+        self.register_to_config(
+            use_image_cross_attention=use_image_cross_attention,
+            image_cross_attention_dim=image_cross_attention_dim,
+        )
+        if use_image_cross_attention:
+            self._add_image_attentions(image_cross_attention_dim)
+
+    def forward(self, *args, image_encoder_hidden_states: Tensor | None = None, **kwargs):
+        """The diffusers model's forward, plus the representation [B, N, D] for the image attentions."""
+        with self._representation(image_encoder_hidden_states):
+            return super().forward(*args, **kwargs)
+
     def _add_image_attentions(self, image_cross_attention_dim: int) -> None:
         blocks = [*self.down_blocks, self.mid_block, *getattr(self, "up_blocks", ())]
         for block in blocks:
@@ -156,17 +170,7 @@ class SeeSRUNet2DConditionModel(_ImageCrossAttention, UNet2DConditionModel):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.register_to_config(
-            use_image_cross_attention=use_image_cross_attention,
-            image_cross_attention_dim=image_cross_attention_dim,
-        )
-        if use_image_cross_attention:
-            self._add_image_attentions(image_cross_attention_dim)
-
-    def forward(self, *args, image_encoder_hidden_states: Tensor | None = None, **kwargs):
-        """UNet2DConditionModel.forward, plus the representation [B, N, D] for the image attentions."""
-        with self._representation(image_encoder_hidden_states):
-            return super().forward(*args, **kwargs)
+        self._seesr_setup(use_image_cross_attention, image_cross_attention_dim)
 
     @classmethod
     def from_sd_and_seesr(
@@ -216,17 +220,7 @@ class SeeSRControlNetModel(_ImageCrossAttention, ControlNetModel):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.register_to_config(
-            use_image_cross_attention=use_image_cross_attention,
-            image_cross_attention_dim=image_cross_attention_dim,
-        )
-        if use_image_cross_attention:
-            self._add_image_attentions(image_cross_attention_dim)
-
-    def forward(self, *args, image_encoder_hidden_states: Tensor | None = None, **kwargs):
-        """ControlNetModel.forward, plus the representation [B, N, D] for the image attentions."""
-        with self._representation(image_encoder_hidden_states):
-            return super().forward(*args, **kwargs)
+        self._seesr_setup(use_image_cross_attention, image_cross_attention_dim)
 
     @classmethod
     def from_unet(
