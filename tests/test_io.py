@@ -1,5 +1,7 @@
 """Image I/O round trips over files generated here: alpha, 16-bit, gray, EXIF, CMYK, palette, ICC."""
 
+import functools
+
 import cv2
 import numpy as np
 import pytest
@@ -21,7 +23,10 @@ from addsr_pl.inference.io import (
 RNG = np.random.default_rng(0)
 
 
+@functools.cache
 def _srgb_profile() -> bytes:
+    """One sRGB profile for the whole module: a new one carries a new creation time, so two made a
+    second apart differ and a test comparing them would fail by the clock."""
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
