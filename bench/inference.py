@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from addsr_pl.core.sampler import Denoiser, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
-from addsr_pl.method.sampler import Denoiser, upscale
 from addsr_pl.models.conditioning import Conditioner, PromptEncoder
 from addsr_pl.models.vae import VaeCodec
 from addsr_pl.paths import config_dir

@@ -4,8 +4,8 @@ import open_clip
 import pytest
 import torch
 
+from addsr_pl.core.sampler import upscale
 from addsr_pl.method.module import AddSRModule
-from addsr_pl.method.sampler import upscale
 from addsr_pl.train import train
 
 from conftest import to_dicts

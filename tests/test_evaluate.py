@@ -9,11 +9,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from test_metrics import _psnr_y, _ssim_y
 
+from addsr_pl.core.sampler import upscale
 from addsr_pl.data.datasets import SamplePairedDataset
 from addsr_pl.evaluate import evaluate
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.upscaler import Upscaler
-from addsr_pl.method.sampler import upscale
 from addsr_pl.paths import config_dir
 from addsr_pl.upscale import parser, settings_from
 

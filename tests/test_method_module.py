@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from addsr_pl.core.sampler import upscale
 from addsr_pl.method.module import AddSRModule
-from addsr_pl.method.sampler import upscale
 
 from conftest import to_dicts
 

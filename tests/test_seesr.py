@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from addsr_pl.method.sampler import Denoiser
+from addsr_pl.core.sampler import Denoiser
 from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.seesr import (
     SeeSRControlNetModel,

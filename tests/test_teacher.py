@@ -7,7 +7,7 @@ from diffusers import ControlNetModel
 from torch import nn
 
 from addsr_pl.config import ConfigError
-from addsr_pl.method.sampler import add_noise, upscale
+from addsr_pl.core.sampler import add_noise, upscale
 from addsr_pl.method.teacher import TeacherModule, select_teacher_trainable, validate_teacher
 from addsr_pl.train import train
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
+from addsr_pl.core.sampler import Denoiser
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, gaussian_weights, plan_tiling, tile_spans
-from addsr_pl.method.sampler import Denoiser
 from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.vae import VaeCodec
 

@@ -24,12 +24,12 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf, open_dict
 from torchvision.utils import make_grid, save_image
 
+from addsr_pl.core.sampler import Denoiser
 from addsr_pl.data.datasets import SampleDataset, SamplePairedDataset
 from addsr_pl.evaluate import evaluate
 from addsr_pl.inference.io import write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.losses import ta_weights
-from addsr_pl.method.sampler import Denoiser
 from addsr_pl.paths import config_dir
 from addsr_pl.train import train
 

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from addsr_pl.core.sampler import upscale
 from addsr_pl.evaluation.metrics import MetricSuite
 from addsr_pl.evaluation.tables import (
     ImageRecord,
@@ -24,7 +25,6 @@ from addsr_pl.evaluation.tables import (
 from addsr_pl.inference.io import IMAGE_EXTENSIONS, read_image, write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.upscaler import Upscaler
-from addsr_pl.method.sampler import upscale
 from addsr_pl.paths import config_dir
 from addsr_pl.upscale import PRECISIONS, resolve_device
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
+from addsr_pl.core.student_format import FORMAT, MANIFEST
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
-from addsr_pl.method.export import FORMAT, MANIFEST
-from addsr_pl.method.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.diffusion import require_file
 from addsr_pl.models.vae import VaeCodec

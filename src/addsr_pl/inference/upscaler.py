@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from addsr_pl.core.sampler import upscale
 from addsr_pl.inference.colorfix import color_fix
 from addsr_pl.inference.io import ImageReadError, LoadedImage, read_image, upscale_alpha, write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
-from addsr_pl.method.sampler import upscale
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from addsr_pl.core.student_format import FORMAT, FORMAT_VERSION, MANIFEST
 from addsr_pl.models.trainable import merged_state_dict
-
-MANIFEST = "addsr_student.json"
-FORMAT = "addsr-pl-student"
-FORMAT_VERSION = 1
 
 
 def class_path(obj) -> str:

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor
 
+from addsr_pl.core.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
@@ -22,7 +23,6 @@ from addsr_pl.method.losses import (
     ta_step_index,
     ta_weights,
 )
-from addsr_pl.method.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
 from addsr_pl.models.conditioning import Conditioner, Conditioning
 from addsr_pl.models.trainable import select_trainable
 from addsr_pl.models.vae import VaeCodec

@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from addsr_pl.config import ConfigError, _choice, validate_weights
+from addsr_pl.core.sampler import Denoiser, add_noise, upscale
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
-from addsr_pl.method.sampler import Denoiser, add_noise, upscale
 from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning
 from addsr_pl.models.vae import VaeCodec
 
