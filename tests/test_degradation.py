@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from addsr_pl.data import degradation as D
+from addsr_pl.data.jpeg import basicsr_jpeg, kornia_jpeg
 from addsr_pl.data.kernels import KERNEL_TYPES
 from addsr_pl.paths import config_dir
 
@@ -199,6 +200,9 @@ def test_bicubic_is_the_antialiased_downscale():
         ({"stage2": {"jpeg_range": [30, 120]}}, "jpeg_range"),
         ({"kernel_sizes": [7, 8]}, "kernel_sizes"),
         ({"final": {"cutoff_range": [0.2, 1.5]}}, "cutoff_range"),
+        ({"final": {"sinc_kernel_sizes": [7, 10]}}, "sinc_kernel_sizes"),
+        ({"stage1": {"resize_grid": "corners"}}, "resize_grid"),
+        ({"jpeg_codec": "libjpeg"}, "jpeg_codec"),
     ],
 )
 def test_bad_settings_fail_with_the_key_in_the_message(override, message):
@@ -222,3 +226,59 @@ def test_runs_on_the_batch_device_with_a_device_generator(addsr):
     second = module(hr, torch.Generator(device="cuda").manual_seed(1))
     assert first[1].device.type == "cuda" and first[1].shape == (4, 3, 32, 32)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_final_sinc_support_is_drawn_from_its_sizes(addsr, params):
+    sizes = params["final"]["size"]
+    for size in addsr.final.sinc_kernel_sizes:
+        assert_share(sizes == size, 1 / len(addsr.final.sinc_kernel_sizes))
+    few = {key: value[:64] for key, value in params["final"].items()}
+    kernels = addsr.final_kernels(few)
+    grid = kernels.shape[-1]
+    for kernel, size, sinc in zip(kernels, few["size"].tolist(), few["sinc"].tolist()):
+        torch.testing.assert_close(kernel.sum(), torch.tensor(1.0))
+        inside = torch.zeros(grid, grid, dtype=torch.bool)
+        lo = (grid - size) // 2 if sinc else grid // 2
+        hi = lo + (size if sinc else 1)
+        inside[lo:hi, lo:hi] = True
+        assert (kernel[~inside] == 0).all() and (kernel[inside] != 0).any()
+
+
+def _lr(overrides: dict, seed: int = 4) -> torch.Tensor:
+    module = hydra.utils.instantiate(OmegaConf.merge(degradation_config("addsr"), overrides))
+    hr = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return module(hr, torch.Generator().manual_seed(seed))[1]
+
+
+def test_first_blur_probability_and_final_jpeg_range_change_the_output():
+    base = _lr({})
+    # stage 1 without blur: every sample's LR changes (the draws stay the same)
+    unblurred = _lr({"stage1": {"blur_prob": 0.0}})
+    assert all(not torch.equal(a, b) for a, b in zip(base, unblurred))
+    # the final JPEG draws its quality from stage2.jpeg_range (BasicSR's jpeg_range2)
+    mild = _lr({"stage2": {"jpeg_range": [95.0, 95.0]}})
+    harsh = _lr({"stage2": {"jpeg_range": [5.0, 5.0]}})
+    assert all(not torch.equal(a, b) for a, b in zip(mild, harsh))
+
+
+def test_scale_factor_grid_is_interpolate_with_the_scale_factor():
+    image = torch.rand(1, 3, 50, 70, generator=torch.Generator().manual_seed(0))
+    whole = [(torch.arange(1), image, [(50, 70)])]
+    for mode in ("bilinear", "bicubic", "area"):
+        ((_, by_factor, _),) = D.resize_samples(whole, [(21, 29)], [mode], 1.0, scale_factors=[0.42])
+        expected = torch.nn.functional.interpolate(image, scale_factor=0.42, mode=mode)
+        assert torch.equal(by_factor, expected)
+        ((_, by_size, _),) = D.resize_samples(whole, [(21, 29)], [mode], 1.0)
+        assert by_size.shape == by_factor.shape
+        assert mode == "area" or not torch.equal(by_size, by_factor)
+    with pytest.raises(ValueError, match="stage2.resize_grid"):
+        D.RealESRGANDegradation(4, stage2={"resize_grid": "scale_factor"})
+
+
+@pytest.mark.parametrize("codec", ["basicsr", "kornia"])
+def test_jpeg_codec_is_the_configured_one(codec):
+    module = hydra.utils.instantiate(OmegaConf.merge(degradation_config("addsr"), {"jpeg_codec": codec}))
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    quality = torch.tensor([35.0, 70.0])
+    expected = basicsr_jpeg(image, quality) if codec == "basicsr" else kornia_jpeg(image, quality)
+    assert torch.equal(module.jpeg(image, quality), expected)

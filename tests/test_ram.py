@@ -273,3 +273,43 @@ def test_ram_missing_files_name_the_expected_path(tmp_path):
         RAMTagger.from_folder(tmp_path, dape=None, **FOLDER_ARGS, **PREPROCESS)
     with pytest.raises(ValueError, match="5 classes but got 4 tags"):
         RAMTagger(tiny_ram(), TAGS[:4], [0.5] * 4, **PREPROCESS)
+
+
+def test_ram_keeps_its_dtype_under_the_trainers_autocast():
+    tagger = RAMTagger(tiny_ram(), TAGS, [0.5] * 5, **PREPROCESS)  # float32
+    x = images()
+    reference = tagger(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = tagger(x)
+    assert torch.equal(under_autocast.representation, reference.representation)
+    assert under_autocast.tags == reference.tags
+
+
+def test_official_training_captions_come_from_ram_without_dape(tmp_path):
+    from addsr_pl.models.conditioning import Conditioner
+
+    ram = tiny_ram()
+    _ram_folder(tmp_path, ram, [0.5] * 5)
+    torch.save(_dape(ram), tmp_path / "DAPE.pth")
+    spec = {
+        "_target_": "addsr_pl.models.ram.RAMTagger.from_folder",
+        "folder": str(tmp_path),
+        "dape": str(tmp_path / "DAPE.pth"),
+        **FOLDER_ARGS,
+        **PREPROCESS,
+    }
+    conditioning = {"prompt": "tags", "positive_prompt": "clean", "negative_prompt": "", "tagger": spec}
+    plain = Conditioner.from_config(None, None, torch.nn.Identity(), conditioning)
+    assert plain.train_tagger is None
+    official = Conditioner.from_config(
+        None, None, torch.nn.Identity(), {**conditioning, "train_tags": "original_ram"}
+    )
+    original = tiny_ram().state_dict()
+    for key, value in official.train_tagger.ram.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    merged = official.tagger.ram.state_dict()
+    assert any(not torch.equal(merged[k], original[k]) for k in original)
+    x = images(batch=1)
+    assert official.texts(x, training=True) == [official.train_tagger(x).tags[0] + ", clean"]
+    with pytest.raises(ValueError, match="train_tags"):
+        Conditioner.from_config(None, None, torch.nn.Identity(), {**conditioning, "train_tags": "blip"})

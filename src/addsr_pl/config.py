@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
-from addsr_pl.models.conditioning import PROMPT_SOURCES
+from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES
 from addsr_pl.models.trainable import TRAINABLE_SETS
 
 
@@ -62,6 +62,9 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
     _choice(method, "method", "student_start", ("hr", "lr"))
     _choice(method, "method", "unroll_renoise", ("hr", "prediction"))
     _choice(method, "method", "trainable", TRAINABLE_SETS)
+    _choice(method, "method", "student_prompt_source", ("hr", "lr"))
+    _choice(method, "method", "gd_order", ("generator_first", "discriminator_first"))
+    _choice(method, "method", "ema_every", ("iteration", "micro_step"))
     low, high = method["teacher_timestep_range"]
     if not 0 <= low < high <= num_train_timesteps:
         _fail("method.teacher_timestep_range", [low, high], f"needs 0 <= low < high <= {num_train_timesteps}")
@@ -128,6 +131,7 @@ def validate(cfg: DictConfig) -> None:
     validate_method(method)
     conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
     _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
+    _choice(conditioning, "conditioning", "prompt_join", PROMPT_JOINS)
     validate_weights(
         (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
     )

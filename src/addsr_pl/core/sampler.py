@@ -20,16 +20,36 @@ def _per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
 
 
+def _exact_dtype(x: Tensor) -> torch.dtype:
+    """At least fp32: Eq. 4 divides by sqrt(alpha_bar_999) ~ 0.068, which magnifies bf16 rounding ~15x."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Eq. 1: z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, with a timestep per sample."""
-    alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(z0.dtype)
-    return alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+    """Eq. 1: z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, with a timestep per sample, in fp32
+    (or wider) whatever the inputs' dtype or autocast."""
+    dtype = _exact_dtype(z0)
+    alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(dtype)
+    return alpha_bar.sqrt() * z0.to(dtype) + (1 - alpha_bar).sqrt() * noise.to(dtype)
 
 
 def predict_x0(z_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Eq. 4: x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), with a timestep per sample."""
-    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(z_t.dtype)
-    return (z_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    """Eq. 4: x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), with a timestep per sample, in
+    fp32 (or wider) whatever the inputs' dtype or autocast."""
+    dtype = _exact_dtype(z_t)
+    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
+    return (z_t.to(dtype) - (1 - alpha_bar).sqrt() * eps.to(dtype)) / alpha_bar.sqrt()
+
+
+def require_epsilon_prediction(scheduler, stage: str) -> None:
+    """Eq. 4 assumes the UNet predicts the noise; refuse v- or sample-prediction models at start-up."""
+    prediction = scheduler.config.prediction_type
+    if prediction != "epsilon":
+        raise ValueError(
+            f"The {stage} stage needs an epsilon-prediction model (Eq. 4), but the scheduler's "
+            f"prediction_type is {prediction!r}. Use SD2-base (not the 768-v SD2) or set "
+            f"model.components.scheduler.prediction_type to epsilon for a model trained that way."
+        )
 
 
 def upscale(lr: Tensor, size: tuple[int, int]) -> Tensor:
@@ -56,6 +76,8 @@ class Denoiser(nn.Module):
         self.conditioning_scale = conditioning_scale
 
     def forward(self, z_t: Tensor, t: Tensor, control_image: Tensor, conditioning: Conditioning) -> Tensor:
+        # the noisy latent is kept in fp32 (Eq. 1); the networks take it in their input layer's dtype
+        z_t = z_t.to(self.unet.conv_in.weight.dtype)
         extra = {}
         if conditioning.image_embeds is not None:
             extra["image_encoder_hidden_states"] = conditioning.image_embeds

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from addsr_pl.data.jpeg import JPEG_CODECS, jpeg_round_trip
 from addsr_pl.data.kernels import (
     KERNEL_TYPES,
     circular_lowpass_kernel,
     gaussian_kernel1d,
+    limit_support,
     mixed_kernels,
     pulse_kernel,
 )
@@ -69,6 +71,9 @@ class BicubicDegradation(nn.Module):
 
 RESIZE_DIRECTIONS = ("up", "down", "keep")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+# stage-1 resize grid: `size` maps pixel edges onto pixel edges of the int(H*s) x int(W*s) output;
+# `scale_factor` samples at (i + 0.5) / s - 0.5, as F.interpolate(scale_factor=s) in BasicSR
+RESIZE_GRIDS = ("size", "scale_factor")
 
 
 def _check_probs(name: str, probs: Sequence[float], count: int) -> None:
@@ -124,7 +129,11 @@ class BlurSettings:
 
 @dataclass
 class StageSettings:
-    """Resize, noise and JPEG of one degradation order (plus the optional blur of the second)."""
+    """Blur, resize, noise and JPEG of one degradation order.
+
+    The first order's JPEG uses ``stage1.jpeg_range``; the second order has no JPEG of its own, and
+    ``stage2.jpeg_range`` is the quality range of the final JPEG (BasicSR's ``jpeg_range2``).
+    """
 
     blur_prob: float = 1.0
     resize_probs: Sequence[float] = (0.2, 0.7, 0.1)
@@ -135,8 +144,11 @@ class StageSettings:
     poisson_scale_range: Sequence[float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_range: Sequence[float] = (30.0, 95.0)
+    resize_grid: str = "size"
 
     def __post_init__(self):
+        if self.resize_grid not in RESIZE_GRIDS:
+            raise ValueError(f"resize_grid must be one of {RESIZE_GRIDS}, got {self.resize_grid!r}.")
         for key in ("blur_prob", "gaussian_noise_prob", "gray_noise_prob"):
             _check_range(key, (getattr(self, key),) * 2, 0, 1)
         _check_probs("resize_probs (up, down, keep)", self.resize_probs, 3)
@@ -154,23 +166,24 @@ class StageSettings:
 
 @dataclass
 class FinalSettings:
-    """Last step: [resize back + sinc] and JPEG, in random order."""
+    """Last step: [resize back + sinc] and JPEG (quality from ``stage2.jpeg_range``), in random order."""
 
     sinc_prob: float = 0.8
-    sinc_kernel_size: int = 21
+    # sinc support, drawn uniformly per sample (BasicSR: the blur kernel sizes, 7..21)
+    sinc_kernel_sizes: Sequence[int] = (7, 9, 11, 13, 15, 17, 19, 21)
     # cutoff frequency of the final sinc, in units of pi
     cutoff_range: Sequence[float] = (1 / 3, 1.0)
     resize_modes: Sequence[str] = RESIZE_MODES
-    jpeg_range: Sequence[float] = (30.0, 95.0)
     jpeg_first_prob: float = 0.5
 
     def __post_init__(self):
         _check_range("final.sinc_prob", (self.sinc_prob,) * 2, 0, 1)
         _check_range("final.jpeg_first_prob", (self.jpeg_first_prob,) * 2, 0, 1)
         _check_range("final.cutoff_range", self.cutoff_range, 0, 1)
-        _check_range("final.jpeg_range", self.jpeg_range, 1, 100)
-        if self.sinc_kernel_size % 2 != 1:
-            raise ValueError(f"final.sinc_kernel_size must be odd, got {self.sinc_kernel_size}.")
+        if not self.sinc_kernel_sizes or any(k % 2 != 1 or k < 1 for k in self.sinc_kernel_sizes):
+            raise ValueError(
+                f"final.sinc_kernel_sizes must be odd positive sizes, got {self.sinc_kernel_sizes}."
+            )
         if not self.resize_modes or any(m not in RESIZE_MODES for m in self.resize_modes):
             raise ValueError(
                 f"final.resize_modes must be a subset of {RESIZE_MODES}, got {self.resize_modes}."
@@ -230,6 +243,8 @@ class RealESRGANDegradation(nn.Module):
         kernel_sizes: odd blur kernel sizes drawn uniformly (7..21 in Real-ESRGAN).
         usm, blur1, stage1, blur2, stage2, final: `USMSettings`, `BlurSettings`,
             `StageSettings` and `FinalSettings` (or dicts of their fields).
+        jpeg_codec: ``basicsr`` (the Real-ESRGAN pipeline's codec) or ``kornia``
+            (`addsr_pl.data.jpeg`).
         gt_size: side of a paired random crop of the output (None: keep the whole image).
         bucket_area_ratio: after a random resize, samples whose areas differ by at most this
             factor share one padded tensor; larger means fewer, more padded batches. It changes
@@ -248,6 +263,7 @@ class RealESRGANDegradation(nn.Module):
         final: FinalSettings | dict | None = None,
         gt_size: int | None = None,
         bucket_area_ratio: float = 1.2,
+        jpeg_codec: str = "basicsr",
     ):
         super().__init__()
         self.scale = int(scale)
@@ -261,12 +277,20 @@ class RealESRGANDegradation(nn.Module):
         self.blur2 = _settings(BlurSettings, blur2)
         self.stage2 = _settings(StageSettings, stage2)
         self.final = _settings(FinalSettings, final)
+        if self.stage2.resize_grid != "size":
+            raise ValueError(
+                f"stage2.resize_grid must be 'size' (the second order resizes to a size relative to the LR, "
+                f"as BasicSR does), got {self.stage2.resize_grid!r}; the grid option is stage1.resize_grid."
+            )
         if gt_size is not None and gt_size % self.scale:
             raise ValueError(f"gt_size={gt_size} must be a multiple of scale={self.scale}.")
         self.gt_size = gt_size
         if bucket_area_ratio < 1:
             raise ValueError(f"bucket_area_ratio must be >= 1, got {bucket_area_ratio}.")
         self.bucket_area_ratio = bucket_area_ratio
+        if jpeg_codec not in JPEG_CODECS:
+            raise ValueError(f"jpeg_codec must be one of {JPEG_CODECS}, got {jpeg_codec!r}.")
+        self.jpeg_codec = jpeg_codec
 
     # ---------------------------------------------------------------- parameters (no images) --
     def _blur_params(self, blur: BlurSettings, count: int, gen, device) -> dict[str, Tensor]:
@@ -317,10 +341,13 @@ class RealESRGANDegradation(nn.Module):
             "stage2": self._stage_params(self.stage2, count, generator, device),
             "final": {
                 "sinc": torch.rand(count, generator=generator, device=device) < final.sinc_prob,
+                "size": torch.tensor(final.sinc_kernel_sizes, device=device)[
+                    torch.randint(len(final.sinc_kernel_sizes), (count,), generator=generator, device=device)
+                ],
                 "cutoff": math.pi * _uniform(final.cutoff_range, count, generator, device),
                 "mode": torch.randint(len(final.resize_modes), (count,), generator=generator, device=device),
                 "jpeg_first": torch.rand(count, generator=generator, device=device) < final.jpeg_first_prob,
-                "jpeg": _uniform(final.jpeg_range, count, generator, device),
+                "jpeg": _uniform(self.stage2.jpeg_range, count, generator, device),
             },
         }
 
@@ -339,8 +366,8 @@ class RealESRGANDegradation(nn.Module):
         )
 
     def final_kernels(self, params: dict[str, Tensor]) -> Tensor:
-        size = self.final.sinc_kernel_size
-        sinc = circular_lowpass_kernel(size, params["cutoff"])
+        size = max(self.final.sinc_kernel_sizes)
+        sinc = limit_support(circular_lowpass_kernel(size, params["cutoff"]), params["size"])
         pulse = pulse_kernel(len(sinc), size, sinc.device, sinc.dtype)
         return torch.where(params["sinc"][:, None, None], sinc, pulse)
 
@@ -378,21 +405,9 @@ class RealESRGANDegradation(nn.Module):
             out[index] = torch.clamp(x + noise, 0, 1)
         return out
 
-    @staticmethod
-    def jpeg(image: Tensor, quality: Tensor) -> Tensor:
-        """JPEG round trip with per-sample quality (kornia's differentiable codec)."""
-        if image.shape[0] == 0:
-            return image
-        image = torch.clamp(image, 0, 1)
-        if image.device.type != "cpu":
-            return kornia.enhance.jpeg_codec_differentiable(image, quality.to(image.dtype))
-        # On CPU, oneDNN is slow for the codec's single-channel 3-tap chroma filters; the native
-        # kernels give the same result about 1.5x faster.
-        previous = torch.backends.mkldnn.set_flags(False, None, None, None)
-        try:
-            return kornia.enhance.jpeg_codec_differentiable(image, quality.to(image.dtype))
-        finally:
-            torch.backends.mkldnn.set_flags(previous[0], None, None, None)
+    def jpeg(self, image: Tensor, quality: Tensor) -> Tensor:
+        """Clamp and JPEG round trip with per-sample quality (codec `jpeg_codec`)."""
+        return jpeg_round_trip(image, quality, self.jpeg_codec)
 
     # -------------------------------------------------------------------------------- pipeline --
     def forward(self, hr: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -404,12 +419,14 @@ class RealESRGANDegradation(nn.Module):
 
         hr_target = self.sharpen(hr) if self.usm.enabled else hr
         # ----- first order: blur, resize, noise, JPEG
-        out = blur(hr_target, self.kernels(params["blur1"]).to(hr.dtype))
+        kernels1 = self.kernels(params["blur1"]).to(hr.dtype)
+        out = _where_subset(p1["blur"], hr_target, lambda s, y: blur(y, kernels1[s]))
         factors = p1["resize"].tolist()
         sizes = [(max(1, int(height * f)), max(1, int(width * f))) for f in factors]
         modes = [self.stage1.resize_modes[m] for m in p1["mode"].tolist()]
         whole = [(torch.arange(batch, device=hr.device), out, [(height, width)] * batch)]
-        buckets = resize_samples(whole, sizes, modes, self.bucket_area_ratio)
+        grid = factors if self.stage1.resize_grid == "scale_factor" else None
+        buckets = resize_samples(whole, sizes, modes, self.bucket_area_ratio, scale_factors=grid)
         buckets = map_buckets(buckets, lambda i, x: self.add_noise(x, _take(p1, i), generator))
         buckets = map_buckets(buckets, lambda i, x: self.jpeg(x, p1["jpeg"][i]))
         # ----- second order: optional blur, resize relative to the LR size, noise
@@ -535,14 +552,26 @@ def map_buckets(buckets: list[Bucket], fn) -> list[Bucket]:
 
 
 def resize_samples(
-    buckets: list[Bucket], sizes: list[tuple[int, int]], modes: list[str], ratio: float
+    buckets: list[Bucket],
+    sizes: list[tuple[int, int]],
+    modes: list[str],
+    ratio: float,
+    scale_factors: list[float] | None = None,
 ) -> list[Bucket]:
-    """Resize each sample's valid region to ``sizes[i]`` with ``modes[i]``, then re-bucket."""
+    """Resize each sample's valid region to ``sizes[i]`` with ``modes[i]``, then re-bucket.
+
+    With `scale_factors`, sample i is resized by ``F.interpolate(scale_factor=scale_factors[i])``
+    (output ``floor(h * s)``, source positions ``(o + 0.5) / s - 0.5``) instead of to ``sizes[i]``.
+    """
     resized: list[Tensor | None] = [None] * len(sizes)
     for index, images, valid in buckets:
         for j, i in enumerate(index.tolist()):
             h, w = valid[j]
             mode = modes[i]
             kwargs = {} if mode == "area" else {"align_corners": False}
-            resized[i] = F.interpolate(images[j : j + 1, :, :h, :w], size=sizes[i], mode=mode, **kwargs)[0]
+            if scale_factors is None:
+                kwargs["size"] = sizes[i]
+            else:
+                kwargs["scale_factor"] = scale_factors[i]
+            resized[i] = F.interpolate(images[j : j + 1, :, :h, :w], mode=mode, **kwargs)[0]
     return make_buckets(resized, ratio)

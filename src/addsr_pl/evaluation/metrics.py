@@ -1,7 +1,9 @@
 """The paper's image-quality metrics through pyiqa, from local weight files only.
 
 Full-reference: PSNR and SSIM on the Y channel of YCbCr (BT.601, as BasicSR and MATLAB; pyiqa's own
-default would be YIQ) with `crop_border = scale`, LPIPS (AlexNet, v0.1), DISTS. No-reference: NIQE
+default would be YIQ) with `crop_border = scale`, LPIPS (AlexNet, v0.1), DISTS. pyiqa's SSIM rounds Y
+to 8-bit levels first, as MATLAB does; BasicSR's `calculate_ssim` does not, and gives values up to
+about 1.4e-3 higher. No-reference: NIQE
 (also cropped by the scale), MUSIQ (KonIQ), MANIQA (the PIPAL checkpoint, as SeeSR and OSEDiff
 report) and CLIPIQA.
 

@@ -60,7 +60,8 @@ def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> 
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "components": components,
-        "conditioning": module.hparams["conditioning"],
+        # inference needs no training-caption tagger
+        "conditioning": {**module.hparams["conditioning"], "train_tags": "tagger"},
         "sampler": {
             "student_timesteps": list(module.method["student_timesteps"]),
             "conditioning_scale": module.method["conditioning_scale"],

@@ -11,7 +11,15 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor
 
-from addsr_pl.core.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
+from addsr_pl.core.sampler import (
+    Denoiser,
+    StudentStep,
+    add_noise,
+    predict_x0,
+    require_epsilon_prediction,
+    sample_student,
+    upscale,
+)
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
@@ -82,6 +90,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
+        require_epsilon_prediction(components.scheduler, "AddSR")
         self.scheduler = components.scheduler
         self.component_sources = components.sources
         self.register_buffer(
@@ -117,7 +126,13 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         self.cast_frozen(dtype)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
-        for module in (self.teacher, self.codec, self.conditioner, self.discriminator.backbone):
+        # the tagger keeps its configured dtype (conditioning.tagger.dtype)
+        for module in (
+            self.teacher,
+            self.codec,
+            self.conditioner.prompt_encoder,
+            self.discriminator.backbone,
+        ):
             module.to(dtype)
         self.discriminator.conditioner.to(dtype)
         for p in self.student.parameters():
@@ -151,7 +166,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         index = (start.unsqueeze(1) + torch.arange(k)).to(self.device)
         timesteps = self.student_timesteps[index]
         blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
-        text_embeds = self.conditioner.text_embeds(lr_up, blank)
+        prompt_source = {"hr": hr, "lr": lr_up}[m["student_prompt_source"]]
+        text_embeds = self.conditioner.text_embeds(prompt_source, blank, training=True)
         with torch.no_grad():
             hr_latent = self.codec.encode(hr)
             start_latent = hr_latent if m["student_start"] == "hr" else self.codec.encode(lr_up)
@@ -206,7 +222,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         prompt_source = image[m["teacher_prompt_source"] or m["teacher_condition"]]
         image_prompt = self.conditioner.prompt_encoder.prompt == "tags"
         text = (
-            self.conditioner.text_embeds(prompt_source, unroll.blank) if image_prompt else unroll.text_embeds
+            self.conditioner.text_embeds(prompt_source, unroll.blank, training=True)
+            if image_prompt
+            else unroll.text_embeds
         )
         conditioning = Conditioning(text, self.conditioner.represent(prompt_source)).repeat(n)
         eps = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
@@ -269,9 +287,16 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
         targets = self.teacher_targets(unroll, hr, g_dev)
         c = self.discriminator.condition(lr_up)
-        logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
-        logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
+        if self.method["gd_order"] == "discriminator_first":
+            # the official order: D learns on this batch's x0 first, then G faces the updated D
+            logs = self.discriminator_step(unroll, hr, c, g_dev, last_micro)
+            logs |= self.generator_step(unroll, targets, c, g_dev, last_micro)
+        else:
+            logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
+            logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
         self.micro_step += 1
+        if self.method["ema_every"] == "micro_step":
+            self.ema.update()
         if last_micro:
             self.after_iteration()
         logs["unroll_k"] = torch.tensor(float(unroll.k))
@@ -284,7 +309,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def after_iteration(self) -> None:
         self.iteration += 1
-        self.ema.update()
+        if self.method["ema_every"] == "iteration":
+            self.ema.update()
         for scheduler in self.lr_schedulers() or []:
             scheduler.step()
 

@@ -45,27 +45,50 @@ class PromptEncoder(nn.Module):
     `prompt` selects the text: `fixed` (the positive prompt alone), `manual` (a caller-given text,
     e.g. the paper's Sec. 4.4 manual prompts, followed by the positive prompt), `tags` (tagger tags,
     then the positive prompt, as the official pipeline builds it) or `none` (the empty prompt).
+    `prompt_join` is how the parts are joined (see `compose`); `train_positive_prompt: false` ends
+    training texts with ", " instead of the positive prompt (the official training captions).
     Embeddings of repeated texts are cached.
     """
 
     def __init__(
-        self, text_encoder: nn.Module, tokenizer, prompt: str, positive_prompt: str, negative_prompt: str
+        self,
+        text_encoder: nn.Module,
+        tokenizer,
+        prompt: str,
+        positive_prompt: str,
+        negative_prompt: str,
+        prompt_join: str = "clean",
+        train_positive_prompt: bool = True,
     ):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
             raise ValueError(f"conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
+        if prompt_join not in PROMPT_JOINS:
+            raise ValueError(f"conditioning.prompt_join = {prompt_join!r}: must be one of {PROMPT_JOINS}")
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.positive_prompt = positive_prompt
         self.negative_prompt = negative_prompt
+        self.prompt_join = prompt_join
+        self.train_positive_prompt = train_positive_prompt
         self._cache: dict[tuple[str, str, torch.dtype], Tensor] = {}
 
-    def compose(self, tags: str = "", manual: str = "") -> str:
-        """The text of one image, as the official pipeline joins it: "{tags}, {manual}, {positive}"."""
+    def compose(self, tags: str = "", manual: str = "", training: bool = False) -> str:
+        """The text of one image.
+
+        `prompt_join: clean` joins the non-empty parts with ", ": "{tags}, {manual}, {positive}".
+        `official` writes them as the official pipeline does, "{tags}, {manual}," + positive, so an
+        empty manual prompt leaves "{tags}, ,{positive}". Training texts without the positive prompt
+        (`train_positive_prompt: false`) are the parts followed by ", " (official: "{tags}, ").
+        """
         if self.prompt == "none":
             return ""
         parts = {"fixed": [], "manual": [manual], "tags": [tags, manual]}[self.prompt]
+        if training and not self.train_positive_prompt:
+            return "".join(f"{p}, " for p in parts if p)
+        if self.prompt_join == "official" and parts:
+            return ", ".join(parts) + "," + self.positive_prompt
         return ", ".join(p for p in [*parts, self.positive_prompt] if p)
 
     @torch.no_grad()
@@ -93,6 +116,8 @@ class PromptEncoder(nn.Module):
 
 
 PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
+PROMPT_JOINS = ("clean", "official")
+TRAIN_TAGS = ("tagger", "original_ram")
 
 
 class Conditioner(nn.Module):
@@ -101,7 +126,9 @@ class Conditioner(nn.Module):
     The tagger (RAM/DAPE or OpenCLIP, see `models.tagger`; None for prompts without one) supplies tags
     for `prompt: tags` and, when the models have image cross-attention (`use_representation`), the
     representation they consume. `manual_prompt` is the text of `prompt: manual` (per-image texts can be
-    passed to `text_embeds` instead).
+    passed to `text_embeds` instead). `train_tagger`, if given, supplies the tags of training texts
+    instead (official: the original RAM, without DAPE, see `from_config`); the representation always
+    comes from `tagger`.
     """
 
     def __init__(
@@ -110,12 +137,14 @@ class Conditioner(nn.Module):
         tagger: nn.Module | None = None,
         use_representation: bool = False,
         manual_prompt: str = "",
+        train_tagger: nn.Module | None = None,
     ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.tagger = tagger
         self.use_representation = use_representation
         self.manual_prompt = manual_prompt
+        self.train_tagger = train_tagger
         if prompt_encoder.prompt == "tags" and tagger is None:
             raise ValueError("conditioning.prompt = 'tags' needs a tagger: set conditioning.tagger")
         if use_representation and tagger is None:
@@ -134,27 +163,49 @@ class Conditioner(nn.Module):
 
         from addsr_pl.models.trainable import has_image_attention
 
-        tagger = instantiate(conditioning["tagger"], _convert_="all") if conditioning.get("tagger") else None
+        spec = conditioning.get("tagger")
+        tagger = instantiate(spec, _convert_="all") if spec else None
+        # train_tags: tagger (the same tags as at inference) | original_ram (that RAM without DAPE)
+        train_tags = conditioning.get("train_tags", "tagger")
+        if train_tags not in TRAIN_TAGS:
+            raise ValueError(f"conditioning.train_tags = {train_tags!r}: must be one of {TRAIN_TAGS}")
+        train_tagger = None
+        if train_tags == "original_ram" and spec and spec.get("dape") is not None:
+            train_tagger = instantiate({**spec, "dape": None}, _convert_="all")
         prompt_encoder = PromptEncoder(
             text_encoder,
             tokenizer,
             conditioning["prompt"],
             conditioning["positive_prompt"],
             conditioning["negative_prompt"],
+            conditioning.get("prompt_join", "clean"),
+            conditioning.get("train_positive_prompt", True),
         )
-        return cls(prompt_encoder, tagger, has_image_attention(unet), conditioning.get("manual_prompt", ""))
+        return cls(
+            prompt_encoder,
+            tagger,
+            has_image_attention(unet),
+            conditioning.get("manual_prompt", ""),
+            train_tagger,
+        )
 
-    def texts(self, images: Tensor, manual: list[str] | None = None) -> list[str]:
+    def texts(self, images: Tensor, manual: list[str] | None = None, training: bool = False) -> list[str]:
         b = images.shape[0]
-        tags = self.tagger(images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
+        tagger = self.train_tagger if training and self.train_tagger is not None else self.tagger
+        tags = tagger(images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
         manual = manual or [self.manual_prompt] * b
-        return [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
+        return [self.prompt_encoder.compose(t, m, training) for t, m in zip(tags, manual)]
 
     def text_embeds(
-        self, images: Tensor, blank: Tensor | None = None, manual: list[str] | None = None
+        self,
+        images: Tensor,
+        blank: Tensor | None = None,
+        manual: list[str] | None = None,
+        training: bool = False,
     ) -> Tensor:
-        """[B, L, D]; samples where `blank` is True get the empty prompt (prompt dropout)."""
-        texts = self.texts(images, manual)
+        """[B, L, D]; samples where `blank` is True get the empty prompt (prompt dropout); `training`
+        selects the training text (`train_tagger`, `train_positive_prompt`)."""
+        texts = self.texts(images, manual, training)
         if blank is not None:
             texts = ["" if drop else text for text, drop in zip(texts, blank.tolist())]
         return self.prompt_encoder.encode(texts)

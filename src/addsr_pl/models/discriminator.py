@@ -48,10 +48,39 @@ def _frozen_vit(spec: dict, weights: str | None, key: str) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
-class DiscHead(nn.Module):
-    """Per-token logits of one feature level, projected onto an embedding of the condition."""
+class EqualizedLinear(nn.Linear):
+    """A linear layer whose weights are stored N(0, 1) and scaled by 1/sqrt(in_features) at run time
+    (StyleGAN's equalized learning rate): under Adam each step moves the effective weights
+    sqrt(in_features) times less than a plain `nn.Linear` with the same learning rate."""
 
-    def __init__(self, channels: int, c_dim: int, cmap_dim: int, groups: int, kernel_size: int, slope: float):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.gain = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            self.weight.normal_()
+            self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.gain, self.bias)
+
+
+class DiscHead(nn.Module):
+    """Per-token logits of one feature level, projected onto an embedding of the condition.
+
+    `cmapper_equalized` makes the condition's projection an `EqualizedLinear` (official), else an
+    `nn.Linear`; the state-dict keys are the same.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        c_dim: int,
+        cmap_dim: int,
+        groups: int,
+        kernel_size: int,
+        slope: float,
+        cmapper_equalized: bool = True,
+    ):
         super().__init__()
 
         def block(k: int) -> nn.Sequential:
@@ -59,7 +88,7 @@ class DiscHead(nn.Module):
             return nn.Sequential(spectral_norm(conv), nn.GroupNorm(groups, channels), nn.LeakyReLU(slope))
 
         self.main = nn.Sequential(block(1), _Residual(block(kernel_size)))
-        self.cmapper = nn.Linear(c_dim, cmap_dim)
+        self.cmapper = EqualizedLinear(c_dim, cmap_dim) if cmapper_equalized else nn.Linear(c_dim, cmap_dim)
         self.cls = spectral_norm(nn.Conv1d(channels, cmap_dim, 1))
         self.cmap_dim = cmap_dim
 
@@ -118,6 +147,8 @@ class ProjectedDiscriminator(nn.Module):
         conditioner_image_size: the LR image is resized (bilinear) to this size, no normalisation.
         image_size: the backbone's input size; images are randomly cropped to it with `crop_prob`
             (when larger), otherwise area-resized.
+        cmapper_equalized: the heads' condition projection with a run-time gain of 1/sqrt(c_dim)
+            (`EqualizedLinear`, official) or a plain `nn.Linear`.
     """
 
     def __init__(
@@ -136,6 +167,7 @@ class ProjectedDiscriminator(nn.Module):
         head_groups: int,
         head_kernel_size: int,
         leaky_slope: float,
+        cmapper_equalized: bool = True,
     ):
         super().__init__()
         self.backbone = _frozen_vit(backbone, backbone_weights, "model.discriminator.backbone_weights")
@@ -152,7 +184,9 @@ class ProjectedDiscriminator(nn.Module):
         c_dim = self.conditioner.embed_dim
         self.heads = nn.ModuleDict(
             {
-                str(i): DiscHead(channels, c_dim, cmap_dim, head_groups, head_kernel_size, leaky_slope)
+                str(i): DiscHead(
+                    channels, c_dim, cmap_dim, head_groups, head_kernel_size, leaky_slope, cmapper_equalized
+                )
                 for i in range(len(self.hook_blocks) + 1)
             }
         )

@@ -585,16 +585,21 @@ class RAMTagger(nn.Module):
             images.float(), size=(size, size), mode=self.interpolation, antialias=self.antialias
         )
         x = (x.clamp(0, 1) - self.image_mean) / self.image_std
-        return x.to(self.dtype)
+        # the weights' dtype: `dtype`, unless a caller cast the whole module since
+        return x.to(self.ram.visual_encoder.patch_embed.proj.weight.dtype)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> TaggerOutput:
-        embeds = self.ram.image_embeds(self.preprocess(images))
-        return TaggerOutput(self.tags_from_logits(self.ram.tag_logits(embeds)), embeds.float())
+        # RAM runs in its own `dtype`, not in the trainer's autocast dtype: tags flip near thresholds
+        with torch.autocast(images.device.type, enabled=False):
+            embeds = self.ram.image_embeds(self.preprocess(images))
+            logits = self.ram.tag_logits(embeds)
+        return TaggerOutput(self.tags_from_logits(logits), embeds.float())
 
     @torch.no_grad()
     def representation(self, images: Tensor) -> Tensor:
-        return self.ram.image_embeds(self.preprocess(images)).float()
+        with torch.autocast(images.device.type, enabled=False):
+            return self.ram.image_embeds(self.preprocess(images)).float()
 
     def tags_from_logits(self, logits: Tensor) -> list[str]:
         on = torch.sigmoid(logits.float()) > self.class_thresholds
