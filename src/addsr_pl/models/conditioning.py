@@ -6,6 +6,7 @@ cross-attention (`image_attentions`). Plain SD2 models take no representation.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,21 +46,32 @@ class PromptEncoder(nn.Module):
     `prompt` selects the text: `fixed` (the positive prompt alone), `manual` (a caller-given text,
     e.g. the paper's Sec. 4.4 manual prompts, followed by the positive prompt), `tags` (tagger tags,
     then the positive prompt, as the official pipeline builds it) or `none` (the empty prompt).
-    Embeddings of repeated texts are cached.
+    Embeddings of repeated texts are cached: the `cache_size` most recently used texts (0: no cache),
+    so a long run over ever new tag prompts holds a bounded number of embeddings on the device.
+    Texts not in the cache are encoded together, in one batched text-encoder call.
     """
 
     def __init__(
-        self, text_encoder: nn.Module, tokenizer, prompt: str, positive_prompt: str, negative_prompt: str
+        self,
+        text_encoder: nn.Module,
+        tokenizer,
+        prompt: str,
+        positive_prompt: str,
+        negative_prompt: str,
+        cache_size: int = 256,
     ):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
             raise ValueError(f"conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
+        if cache_size < 0:
+            raise ValueError(f"conditioning.prompt_cache_size = {cache_size}: must be >= 0 (0 turns it off)")
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.positive_prompt = positive_prompt
         self.negative_prompt = negative_prompt
-        self._cache: dict[tuple[str, str, torch.dtype], Tensor] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str, torch.dtype], Tensor] = OrderedDict()
 
     def compose(self, tags: str = "", manual: str = "") -> str:
         """The text of one image, as the official pipeline joins it: "{tags}, {manual}, {positive}"."""
@@ -73,20 +85,33 @@ class PromptEncoder(nn.Module):
         """[len(texts), L, D] embeddings (the text encoder's last hidden state)."""
         device = next(self.text_encoder.parameters()).device
         dtype = next(self.text_encoder.parameters()).dtype
-        out = []
-        for text in texts:
+        found = {}
+        for text in dict.fromkeys(texts):
             key = (text, str(device), dtype)
-            if key not in self._cache:
-                ids = self.tokenizer(
-                    [text],
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                self._cache[key] = self.text_encoder(ids)[0][0]
-            out.append(self._cache[key])
-        return torch.stack(out)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[text] = self._cache[key]
+        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            for text, embeds in zip(missing, self.text_encoder(ids)[0]):
+                found[text] = embeds
+                self._remember((text, str(device), dtype), embeds)
+        return torch.stack([found[text] for text in texts])
+
+    def _remember(self, key: tuple[str, str, torch.dtype], embeds: Tensor) -> None:
+        """Keep `embeds` (a copy, not a view of a batch) and drop the least recently used beyond cache_size."""
+        if self.cache_size == 0:
+            return
+        self._cache[key] = embeds.clone()
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -141,6 +166,7 @@ class Conditioner(nn.Module):
             conditioning["prompt"],
             conditioning["positive_prompt"],
             conditioning["negative_prompt"],
+            conditioning["prompt_cache_size"],
         )
         return cls(prompt_encoder, tagger, has_image_attention(unet), conditioning.get("manual_prompt", ""))
 
