@@ -239,9 +239,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         eps = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
         x0_teacher = predict_x0(z_t, eps, t, self.alphas_cumprod)
         if m["distill_space"] == "pixel":
-            x0_teacher = decode_in_chunks(self.codec, x0_teacher, m["memory"]["teacher_decode_chunk"]).clamp(
-                0, 1
-            )
+            chunk = m["memory"]["teacher_decode_chunk"]
+            x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)
         return x0_teacher, t
 
     def generator_step(
