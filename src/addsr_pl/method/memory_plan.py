@@ -69,11 +69,11 @@ class MemoryPlan:
         lines = ["Static memory plan (GiB)", head]
         for c in self.components:
             lines.append(
-                f"{c.name:<26}{c.params_m:>10.1f}{c.trainable_m:>11.1f}{c.weights_gib:>9.2f}"
-                f"{c.grads_gib:>8.2f}{c.optimizer_gib:>8.2f}{c.ema_gib:>8.2f}"
+                f"{c.name:<26}{c.params_m:>10.1f}{c.trainable_m:>11.1f}{c.weights_gib:>9.3f}"
+                f"{c.grads_gib:>8.3f}{c.optimizer_gib:>8.3f}{c.ema_gib:>8.3f}"
             )
         lines.append(
-            f"static on the device: {self.device_gib:.2f} GiB; in host memory: {self.host_gib:.2f} GiB"
+            f"static on the device: {self.device_gib:.3f} GiB; in host memory: {self.host_gib:.3f} GiB"
         )
         if self.capacity_gib is not None:
             lines.append(
