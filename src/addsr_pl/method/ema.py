@@ -44,7 +44,8 @@ class EMA(nn.Module):
         self._names = {name: name.replace(".", "__") for name in named_params}
         for name, p in named_params.items():
             shadow = p.detach().to(self.dtype, copy=True)
-            self.register_buffer(self._names[name], shadow.cpu() if placement == "cpu" else shadow)
+            on_host = placement == "cpu" and not shadow.is_meta  # a module planned on meta stays there
+            self.register_buffer(self._names[name], shadow.cpu() if on_host else shadow)
 
     def _apply(self, fn, recurse: bool = True):
         """Follow the model's device moves (unless placed on the CPU) but never its dtype casts."""
