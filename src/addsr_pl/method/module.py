@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from addsr_pl.core.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
@@ -123,6 +124,11 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             enable_gradient_checkpointing(self.codec.vae)
         self.ema = EMA(
             dict(self.student_trainable()), method["ema_decay"], memory["ema_placement"], memory["ema_dtype"]
+        )
+        # Every rank applies the same all-reduced update to its EMA, so DDP need not broadcast the shadows
+        # at each forward (nor could it from the CPU).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"ema.{name}" for name, _ in self.ema.named_buffers()]
         )
         ta = ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"])
         self.register_buffer("ta", ta.float(), persistent=False)  # from the config, never from a checkpoint
