@@ -309,3 +309,17 @@ def test_the_discriminator_input_waits_for_no_host_sync(make_cfg):
         module.discriminator._prepare(images, g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.memory.teacher_decode_chunk=0", "teacher_decode_chunk"),
+        ("method.memory.gradient_checkpointing=maybe", "gradient_checkpointing"),
+        ("method.memory.ema_placement=gpu", "ema_placement"),
+        ("method.memory.ema_dtype=float16", "ema_dtype"),
+    ],
+)
+def test_bad_memory_values_are_named(make_cfg, override, message):
+    with pytest.raises(ValueError, match=message):
+        build(make_cfg, [override])

@@ -20,6 +20,30 @@ from addsr_pl.models.trainable import TRAINABLE_SETS, official_modules
 REPEATED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
 
 
+MEMORY_SWITCHES = (
+    "share_frozen_weights",
+    "gradient_checkpointing",
+    "vae_gradient_checkpointing",
+    "fused_adamw",
+    "discriminator_batched",
+    "compile_student",
+)
+
+
+def check_memory_config(memory: dict) -> None:
+    """Name a bad `method.memory` value at start-up (EMA placement and dtype are checked by EMA)."""
+    for key in MEMORY_SWITCHES:
+        if not isinstance(memory[key], bool):
+            raise ValueError(f"method.memory.{key} = {memory[key]!r}: must be true or false")
+    chunk = memory["teacher_decode_chunk"]
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(
+            f"method.memory.teacher_decode_chunk = {chunk!r}: must be null (all at once) or >= 1"
+        )
+    if not isinstance(memory["compile_options"], dict):
+        raise ValueError(f"method.memory.compile_options = {memory['compile_options']!r}: must be a mapping")
+
+
 def trainable_parameter_ids(unet: nn.Module, controlnet: nn.Module, trainable: str) -> set[int]:
     """ids of the parameters that `select_trainable` will train in place (LoRA adds new ones instead)."""
     if trainable not in TRAINABLE_SETS:

@@ -24,6 +24,7 @@ from addsr_pl.method.losses import (
     ta_weights,
 )
 from addsr_pl.method.memory import (
+    check_memory_config,
     compile_repeated_blocks,
     copy_sharing_frozen,
     decode_in_chunks,
@@ -104,6 +105,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         )
         self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
         memory = method["memory"]
+        check_memory_config(memory)
         trained = (
             trainable_parameter_ids(components.unet, components.controlnet, method["trainable"])
             if memory["share_frozen_weights"]
