@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from addsr_pl.core.sampler import (
     Denoiser,
@@ -31,6 +31,16 @@ from addsr_pl.method.losses import (
     ta_step_index,
     ta_weights,
 )
+from addsr_pl.method.memory import (
+    check_memory_config,
+    compile_repeated_blocks,
+    copy_sharing_frozen,
+    decode_in_chunks,
+    enable_gradient_checkpointing,
+    optimizer_options,
+    trainable_parameter_ids,
+)
+from addsr_pl.method.memory_plan import report_memory_plan
 from addsr_pl.models.conditioning import Conditioner, Conditioning
 from addsr_pl.models.trainable import select_trainable
 from addsr_pl.models.vae import VaeCodec
@@ -55,6 +65,7 @@ class Unroll:
     lr_up: Tensor
     text_embeds: Tensor
     blank: Tensor  # [B] samples whose prompt was dropped
+    start_host: Tensor | None = None  # `start` on the CPU, where it was drawn: read without a device sync
 
     @property
     def graded(self) -> StudentStep:
@@ -102,14 +113,34 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             components.text_encoder, components.tokenizer, components.unet, conditioning
         )
         self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
+        memory = method["memory"]
+        check_memory_config(memory)
+        trained = (
+            trainable_parameter_ids(components.unet, components.controlnet, method["trainable"])
+            if memory["share_frozen_weights"]
+            else {id(p) for p in self.teacher.parameters()}
+        )
         self.student = Denoiser(
-            copy.deepcopy(components.unet), copy.deepcopy(components.controlnet), method["conditioning_scale"]
+            copy_sharing_frozen(components.unet, trained),
+            copy_sharing_frozen(components.controlnet, trained),
+            method["conditioning_scale"],
         )
         self.discriminator = instantiate(model["discriminator"], _convert_="all")
         for frozen in (self.teacher, self.codec, self.conditioner):
             frozen.requires_grad_(False).eval()
         select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
-        self.ema = EMA(dict(self.student_trainable()), method["ema_decay"])
+        if memory["gradient_checkpointing"]:
+            enable_gradient_checkpointing(self.student.unet, self.student.controlnet)
+        if memory["vae_gradient_checkpointing"]:
+            enable_gradient_checkpointing(self.codec.vae)
+        self.ema = EMA(
+            dict(self.student_trainable()), method["ema_decay"], memory["ema_placement"], memory["ema_dtype"]
+        )
+        # Every rank applies the same all-reduced update to its EMA, so DDP need not broadcast the shadows
+        # at each forward (nor could it from the CPU).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"ema.{name}" for name, _ in self.ema.named_buffers()]
+        )
         ta = ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"])
         self.register_buffer("ta", ta.float(), persistent=False)  # from the config, never from a checkpoint
 
@@ -124,6 +155,10 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         """Frozen parts in the compute dtype of the trainer's precision; trained weights stay fp32."""
         dtype = PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
         self.cast_frozen(dtype)
+        if self.method["memory"]["compile_student"]:
+            for model in (self.student.unet, self.student.controlnet):
+                compile_repeated_blocks(model, **self.method["memory"]["compile_options"])
+        report_memory_plan(self)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         # the tagger keeps its configured dtype (conditioning.tagger.dtype)
@@ -198,7 +233,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             grad_last=True,
             decode_last=True,
         )
-        return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank)
+        return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank, start)
 
     @torch.no_grad()
     def teacher_targets(self, unroll: Unroll, hr: Tensor, g_dev: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -230,7 +265,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         eps = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
         x0_teacher = predict_x0(z_t, eps, t, self.alphas_cumprod)
         if m["distill_space"] == "pixel":
-            x0_teacher = self.codec.decode(x0_teacher).clamp(0, 1)
+            chunk = m["memory"]["teacher_decode_chunk"]
+            x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)
         return x0_teacher, t
 
     def generator_step(
@@ -260,18 +296,25 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             "loss_g": loss,
             "ta_weight": self.ta[ta_index].mean(),
         }
+        graded_host = unroll.start_host + unroll.k - 1  # on the CPU: choosing the logs waits for no kernel
         for s in range(n_steps):
-            at_s = graded_index == s
-            if at_s.any():
-                logs[f"loss_dis_step{s + 1}"] = per_sample[at_s].mean()
+            members = (graded_host == s).nonzero().flatten()
+            if len(members):
+                index = members.to(self.device, non_blocking=True)
+                logs[f"loss_dis_step{s + 1}"] = per_sample.index_select(0, index).mean()
         return logs
 
     def discriminator_step(self, unroll: Unroll, hr: Tensor, c: Tensor, g_dev, last_micro: bool) -> dict:
         """Discriminator update: hinge loss on the HR target (real) and the student x0 (fake)."""
         _, opt_d = self.optimizers()
         with self.toggled_optimizer(opt_d):
-            real = self.discriminator(hr, c, g_dev)
-            fake = self.discriminator(unroll.graded.x0_image.detach(), c, g_dev)
+            x0_image = unroll.graded.x0_image.detach()
+            if self.method["memory"]["discriminator_batched"]:  # one backbone pass over real and fake
+                both = self.discriminator(torch.cat([hr.to(x0_image.dtype), x0_image]), c.repeat(2, 1), g_dev)
+                real, fake = both.chunk(2)
+            else:
+                real = self.discriminator(hr, c, g_dev)
+                fake = self.discriminator(x0_image, c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
             self.manual_backward(loss_d / self.method["accumulate_grad_batches"])
             if last_micro:
@@ -381,14 +424,23 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         if clip:
             norm = torch.nn.utils.clip_grad_norm_(grads, clip)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
         self.log(f"train/grad_norm_{which}", norm.float())
         self.log(f"train/lr_{which}", optimizer.param_groups[0]["lr"])
 
     def configure_optimizers(self):
         m = self.method
-        opt_g = instantiate(m["optimizer_g"], params=[p for _, p in self.student_trainable()])
-        opt_d = instantiate(m["optimizer_d"], params=[p for _, p in self.discriminator_trainable()])
+        fused = m["memory"]["fused_adamw"]
+        opt_g = instantiate(
+            m["optimizer_g"],
+            params=[p for _, p in self.student_trainable()],
+            **optimizer_options(m["optimizer_g"]["_target_"], fused, self.device),
+        )
+        opt_d = instantiate(
+            m["optimizer_d"],
+            params=[p for _, p in self.discriminator_trainable()],
+            **optimizer_options(m["optimizer_d"]["_target_"], fused, self.device),
+        )
         schedulers = [instantiate(m["lr_scheduler"], optimizer=opt) for opt in (opt_g, opt_d)]
         return [opt_g, opt_d], [{"scheduler": s, "interval": "step"} for s in schedulers]
 

@@ -6,6 +6,7 @@ cross-attention (`image_attentions`). Plain SD2 models take no representation.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class PromptEncoder(nn.Module):
     then the positive prompt, as the official pipeline builds it) or `none` (the empty prompt).
     `prompt_join` is how the parts are joined (see `compose`); `train_positive_prompt: false` ends
     training texts with ", " instead of the positive prompt (the official training captions).
-    Embeddings of repeated texts are cached.
+    Embeddings of repeated texts are cached: the `cache_size` most recently used texts (0: no cache),
+    so a long run over ever new tag prompts holds a bounded number of embeddings on the device.
+    Texts not in the cache are encoded together, in one batched text-encoder call.
     """
 
     def __init__(
@@ -59,12 +62,15 @@ class PromptEncoder(nn.Module):
         negative_prompt: str,
         prompt_join: str = "clean",
         train_positive_prompt: bool = True,
+        cache_size: int = 256,
     ):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
             raise ValueError(f"conditioning.prompt = {prompt!r}: must be one of {PROMPT_SOURCES}")
         if prompt_join not in PROMPT_JOINS:
             raise ValueError(f"conditioning.prompt_join = {prompt_join!r}: must be one of {PROMPT_JOINS}")
+        if cache_size < 0:
+            raise ValueError(f"conditioning.prompt_cache_size = {cache_size}: must be >= 0 (0 turns it off)")
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -72,7 +78,8 @@ class PromptEncoder(nn.Module):
         self.negative_prompt = negative_prompt
         self.prompt_join = prompt_join
         self.train_positive_prompt = train_positive_prompt
-        self._cache: dict[tuple[str, str, torch.dtype], Tensor] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str, torch.dtype], Tensor] = OrderedDict()
 
     def compose(self, tags: str = "", manual: str = "", training: bool = False) -> str:
         """The text of one image.
@@ -96,20 +103,33 @@ class PromptEncoder(nn.Module):
         """[len(texts), L, D] embeddings (the text encoder's last hidden state)."""
         device = next(self.text_encoder.parameters()).device
         dtype = next(self.text_encoder.parameters()).dtype
-        out = []
-        for text in texts:
+        found = {}
+        for text in dict.fromkeys(texts):
             key = (text, str(device), dtype)
-            if key not in self._cache:
-                ids = self.tokenizer(
-                    [text],
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                self._cache[key] = self.text_encoder(ids)[0][0]
-            out.append(self._cache[key])
-        return torch.stack(out)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[text] = self._cache[key]
+        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            for text, embeds in zip(missing, self.text_encoder(ids)[0]):
+                found[text] = embeds
+                self._remember((text, str(device), dtype), embeds)
+        return torch.stack([found[text] for text in texts])
+
+    def _remember(self, key: tuple[str, str, torch.dtype], embeds: Tensor) -> None:
+        """Keep `embeds` (a copy, not a view of a batch) and drop the least recently used beyond cache_size."""
+        if self.cache_size == 0:
+            return
+        self._cache[key] = embeds.clone()
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -180,6 +200,7 @@ class Conditioner(nn.Module):
             conditioning["negative_prompt"],
             conditioning.get("prompt_join", "clean"),
             conditioning.get("train_positive_prompt", True),
+            conditioning["prompt_cache_size"],
         )
         return cls(
             prompt_encoder,

@@ -145,7 +145,7 @@ class ProjectedDiscriminator(nn.Module):
         conditioner: timm kwargs of the condition ViT, DINOv2 ViT-S/14 by default.
         conditioner_weights: local DINOv2 checkpoint (`dinov2_vits14_pretrain.pth`); None: random.
         conditioner_image_size: the LR image is resized (bilinear) to this size, no normalisation.
-        image_size: the backbone's input size; images are randomly cropped to it with `crop_prob`
+        image_size: the backbone's input size; each image is randomly cropped to it with `crop_prob`
             (when larger), otherwise area-resized.
         cmapper_equalized: the heads' condition projection with a run-time gain of 1/sqrt(c_dim)
             (`EqualizedLinear`, official) or a plain `nn.Linear`.
@@ -216,13 +216,21 @@ class ProjectedDiscriminator(nn.Module):
         x = diff_augment(images.float() * 2 - 1, self.translation, self.cutout, generator)
         x = (x + 1) / 2
         size = self.image_size
-        crop = torch.rand((), device=x.device, generator=generator) < self.crop_prob
-        if x.shape[-1] > size and x.shape[-2] > size and bool(crop):
-            top = int(torch.randint(0, x.shape[-2] - size + 1, (), device=x.device, generator=generator))
-            left = int(torch.randint(0, x.shape[-1] - size + 1, (), device=x.device, generator=generator))
-            x = x[..., top : top + size, left : left + size]
+        resized = F.interpolate(x, size=(size, size), mode="area")
+        if x.shape[-1] > size and x.shape[-2] > size:
+            # Per sample: a random size x size crop with crop_prob, else the area-resized image. Both
+            # are computed and selected on the device, so no random draw waits for the host.
+            b, dev = x.shape[0], x.device
+            crop = torch.rand(b, device=dev, generator=generator) < self.crop_prob
+            top = torch.randint(0, x.shape[-2] - size + 1, (b, 1, 1), device=dev, generator=generator)
+            left = torch.randint(0, x.shape[-1] - size + 1, (b, 1, 1), device=dev, generator=generator)
+            offsets = torch.arange(size, device=dev)
+            rows = (top + offsets.view(1, size, 1)).expand(b, size, size)
+            cols = (left + offsets.view(1, 1, size)).expand(b, size, size)
+            cropped = x[torch.arange(b, device=dev).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
+            x = torch.where(crop.view(b, 1, 1, 1), cropped, resized)
         else:
-            x = F.interpolate(x, size=(size, size), mode="area")
+            x = resized
         return (x - self.mean) / self.std
 
     def features(self, x: Tensor) -> list[Tensor]:

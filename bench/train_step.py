@@ -1,0 +1,463 @@
+"""One AddSR training iteration: our AddSRModule (memory levers on) against a plain recipe, same run.
+
+Both do the official recipe's work per iteration on random-weight models (speed and memory do not depend
+on weight values): a 2-step student unroll with PSR (the first step without a graph, the graded one
+decoded), the teacher at 4 timesteps per sample, pixel-space distillation, the generator's adversarial
+term, a discriminator step, the optimiser steps and the EMA update.
+
+- ours: `AddSRModule` trained by a Lightning Trainer (bf16-mixed on CUDA), with the `method.memory`
+  levers of conf/method/addsr.yaml, at each batch of `--batch`; the largest batch whose peak stays
+  under `--memory-cap` GiB is reported.
+- baseline: the same work module by module in plain eager PyTorch with bf16 autocast at batch 2: the
+  student a full copy of the teacher, no checkpointing, every decode at once, a per-parameter EMA and
+  gradient norm, real and fake in separate discriminator passes, host reads of the logged losses.
+
+Presets: `seesr` (SD2-base-sized SeeSR UNet + ControlNet with image cross-attention, a Swin-L RAM, the
+full 23-layer text encoder, DINO ViT-S/16 + DINOv2 ViT-S/14), `sd2` (SD2-base UNet + ControlNet, fixed
+prompt), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not a measurement).
+
+    python bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 --json out.json   # CUDA
+    python bench/train_step.py --tiny --json out.json                                         # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from addsr_pl.core.sampler import add_noise, predict_x0, upscale
+from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
+from addsr_pl.method.memory_plan import GIB, module_memory_plan
+from addsr_pl.method.module import AddSRModule
+from addsr_pl.models.trainable import has_image_attention, select_trainable
+from addsr_pl.paths import config_dir
+
+FULL_SIZE = [
+    "model=sd2_random",
+    "model/discriminator=projected_dino",
+    "model.discriminator.backbone_weights=null",
+    "model.discriminator.conditioner_weights=null",
+    # SD2's text encoder uses 23 of OpenCLIP ViT-H's 24 text layers
+    "model.components.text_encoder.num_hidden_layers=23",
+]
+# RAM with random weights: its architecture, no checkpoint files (a placeholder tag list is added below)
+RANDOM_RAM = ["conditioning=ram", "conditioning.tagger._target_=addsr_pl.models.ram.RAMTagger.random"]
+PRESETS = {
+    "seesr": [*FULL_SIZE, "+model.components.image_cross_attention_dim=512", *RANDOM_RAM],
+    "sd2": [*FULL_SIZE, "conditioning=fixed"],
+    "tiny": ["model=tiny_seesr", "conditioning=tiny_ram"],
+}
+# Nothing is read from these folders (random weights); set so that no Hydra run is needed to resolve them.
+PATHS = ["paths.cache_dir=/tmp/addsr_pl_bench", "paths.weights_dir=/tmp/addsr_pl_bench/no_weights"]
+# HR crop per preset (the LR is a quarter of it), as trained.
+CROP = {"seesr": 512, "sd2": 512, "tiny": 32}
+# Every iteration unrolls 2 student steps (k = 2, PSR), so both sides do the same work.
+WORKLOAD = ["method.unroll_probs=[0,1]"]
+
+
+def compose_preset(preset: str, extra: list[str]) -> dict:
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*PRESETS[preset], *WORKLOAD, *extra, *PATHS],
+        )
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "conditioning", "method")}
+    if preset == "seesr":
+        tagger = parts["conditioning"]["tagger"]
+        for key in ("folder", "checkpoint", "tag_list", "tag_thresholds", "dape", "lora_alpha"):
+            tagger.pop(key)
+        n = tagger["architecture"]["num_classes"]
+        tagger |= {"tag_list": [f"tag{i}" for i in range(n)], "class_thresholds": [0.5] * n}
+    return parts | {"seed": int(cfg.seed)}
+
+
+def random_batch(batch: int, crop: int, device: torch.device, generator: torch.Generator) -> dict:
+    hr = torch.rand(batch, 3, crop, crop, generator=generator)
+    lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
+    return {"hr": hr.to(device), "lr": lr.to(device)}
+
+
+class RandomPairs(torch.utils.data.Dataset):
+    def __init__(self, length: int, crop: int):
+        self.length, self.crop = length, crop
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        batch = random_batch(1, self.crop, torch.device("cpu"), torch.Generator().manual_seed(i))
+        return {k: v[0] for k, v in batch.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def fresh_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------- ours
+class IterationTimer(pl.Callback):
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup, self.times, self._start = device, warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        synchronize(self.device)
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def run_ours(module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
+    timer = IterationTimer(device, warmup)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        max_steps=2 * (warmup + iters),  # a G and a D optimiser step per iteration
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    loader = torch.utils.data.DataLoader(
+        RandomPairs(batch * (warmup + iters), crop), batch_size=batch, pin_memory=device.type == "cuda"
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.times
+
+
+# ----------------------------------------------------------------------------------- baseline
+class PlainRecipe:
+    """The official recipe's iteration written module by module, without any of our levers."""
+
+    def __init__(self, parts: dict, device: torch.device):
+        m = self.method = parts["method"]
+        self.device = device
+        self.autocast = device.type == "cuda"
+        frozen_dtype = torch.bfloat16 if self.autocast else torch.float32
+        c = instantiate(parts["model"]["components"], _convert_="all")
+        self.vae, self.text_encoder, self.tokenizer = c.vae, c.text_encoder, c.tokenizer
+        self.alphas = c.scheduler.alphas_cumprod.float().to(device)
+        cond = parts["conditioning"]
+        self.tagger = instantiate(cond["tagger"], _convert_="all") if cond.get("tagger") else None
+        self.prompt, self.positive = cond["prompt"], cond["positive_prompt"]
+        self.image_attention = has_image_attention(c.unet)
+        self.unet_t, self.cn_t = c.unet, c.controlnet
+        self.unet_s, self.cn_s = copy.deepcopy(c.unet), copy.deepcopy(c.controlnet)
+        self.disc = instantiate(parts["model"]["discriminator"], _convert_="all")
+        frozen = [
+            self.vae,
+            self.text_encoder,
+            self.unet_t,
+            self.cn_t,
+            self.disc.backbone,
+            self.disc.conditioner,
+        ]
+        frozen += [self.tagger] if self.tagger is not None else []
+        for module in frozen:
+            module.requires_grad_(False).eval().to(device, frozen_dtype)
+        select_trainable(self.unet_s, self.cn_s, m["trainable"], m["lora"])
+        for module in (self.unet_s, self.cn_s):
+            module.to(device)
+            for p in module.parameters():
+                p.data = p.data.to(frozen_dtype if not p.requires_grad else torch.float32)
+        self.disc.heads.to(device)
+        self.disc.to(device)
+        self.trained = [
+            p for model in (self.unet_s, self.cn_s) for p in model.parameters() if p.requires_grad
+        ]
+        self.opt_g = torch.optim.AdamW(self.trained, **optimizer_arguments(m["optimizer_g"]))
+        self.opt_d = torch.optim.AdamW(self.disc.heads.parameters(), **optimizer_arguments(m["optimizer_d"]))
+        self.ema = [p.detach().clone().float() for p in self.trained]
+        self.student_t = torch.tensor(m["student_timesteps"], device=device)
+        self.ta = ta_weights(m["ta_schedule"], len(m["student_timesteps"]), **m["ta"]).float().to(device)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def embed_text(self, images):
+        tags = self.tagger(images).tags if self.prompt == "tags" else [""] * images.shape[0]
+        texts = [", ".join(t for t in (tag, self.positive) if t) for tag in tags]
+        out = []
+        for text in texts:  # one text at a time
+            ids = self.tokenizer(
+                [text],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            out.append(self.text_encoder(ids)[0])
+        return torch.cat(out)
+
+    def denoise(self, unet, controlnet, z, t, control, text, image):
+        extra = {"image_encoder_hidden_states": image} if image is not None else {}
+        down, mid = controlnet(
+            z, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False, **extra
+        )[:2]
+        return unet(
+            z,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+            **extra,
+        )[0]
+
+    def represent(self, images):
+        return self.tagger.representation(images) if self.image_attention else None
+
+    def decode(self, latents):
+        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample.float() + 1) / 2).clamp(
+            0, 1
+        )
+
+    def iteration(self, batch: dict) -> None:
+        m, g, dev = self.method, self.generator, self.device
+        hr, lr = batch["hr"], batch["lr"]
+        b, n = hr.shape[0], m["teacher_timesteps_per_sample"]
+        with torch.autocast(dev.type, torch.bfloat16, enabled=self.autocast):
+            lr_up = upscale(lr, hr.shape[-2:])
+            with torch.no_grad():
+                text = self.embed_text(lr_up)
+                hr_latent = self.vae.encode(hr * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
+                noise = torch.randn(hr_latent.shape, generator=g, device=dev)
+                start = torch.randint(0, len(self.student_t) - 1, (b,), generator=g, device=dev)
+                t1, t2 = self.student_t[start], self.student_t[start + 1]
+                z1 = add_noise(hr_latent, noise, t1, self.alphas)
+                eps = self.denoise(self.unet_s, self.cn_s, z1, t1, lr_up, text, self.represent(lr_up))
+                control = self.decode(predict_x0(z1, eps, t1, self.alphas))  # PSR
+            z2 = add_noise(hr_latent, noise, t2, self.alphas)
+            eps = self.denoise(self.unet_s, self.cn_s, z2, t2, control, text, self.represent(control))
+            x0 = predict_x0(z2, eps, t2, self.alphas)
+            image = self.decode(x0)
+            with torch.no_grad():  # teacher at n timesteps per sample, HR-conditioned, decoded at once
+                t = torch.randint(0, 1000, (b * n,), generator=g, device=dev)
+                z_t = add_noise(
+                    x0.detach().repeat_interleave(n, 0), noise.repeat_interleave(n, 0), t, self.alphas
+                )
+                text_t, image_t = self.embed_text(hr), self.represent(hr)
+                eps_t = self.denoise(
+                    self.unet_t,
+                    self.cn_t,
+                    z_t,
+                    t,
+                    hr.repeat_interleave(n, 0),
+                    text_t.repeat_interleave(n, 0),
+                    None if image_t is None else image_t.repeat_interleave(n, 0),
+                )
+                target = self.decode(predict_x0(z_t, eps_t, t, self.alphas))
+                c = self.disc.condition(lr_up)
+            per_sample = distillation_loss(image, target, t, self.alphas)
+            loss_dis = (per_sample * self.ta[start + 1]).mean()
+            loss = loss_dis + m["lambda_adv"] * generator_loss(self.disc(image, c, g))
+        loss.backward()
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.trained]  # logged gradient norm
+        torch.nn.utils.clip_grad_norm_(self.trained, m["grad_clip_g"], foreach=False)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for shadow, p in zip(self.ema, self.trained):
+                shadow.lerp_(p.float(), 1 - m["ema_decay"])
+        with torch.autocast(dev.type, torch.bfloat16, enabled=self.autocast):
+            real = self.disc(hr, c, g)
+            fake = self.disc(image.detach(), c, g)
+            loss_d = discriminator_hinge_loss(real, fake)
+        loss_d.backward()
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        logs = {"loss_g": loss.item(), "loss_d": loss_d.item(), "grad_norm": torch.stack(norms).norm().item()}
+        for s in range(len(self.student_t)):  # per-step losses, read on the host
+            at_s = (start + 1) == s
+            if at_s.any():
+                logs[f"loss_dis_step{s + 1}"] = per_sample[at_s].mean().item()
+
+
+def optimizer_arguments(node: dict) -> dict:
+    return {k: v for k, v in node.items() if not k.startswith("_")}
+
+
+def run_baseline(parts: dict, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
+    recipe = PlainRecipe(parts, device)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(warmup + iters):
+        data = random_batch(batch, crop, device, generator)
+        synchronize(device)
+        start = time.perf_counter()
+        recipe.iteration(data)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------------- report
+def row(name: str, batch: int, times: list[float], device) -> dict:
+    ms = statistics.median(times) * 1000
+    return {
+        "name": name,
+        "batch": batch,
+        "ms_per_iteration": ms,
+        "samples_per_s": batch / (ms / 1000),
+        "peak_gib": peak_gib(device),
+    }
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=["seesr", "sd2"], default="seesr")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset on the CPU (smoke run)")
+    parser.add_argument(
+        "--batch", default=None, help="batches of ours, comma-separated (default 2,4,8; tiny 2)"
+    )
+    parser.add_argument("--baseline-batch", type=int, default=2)
+    parser.add_argument("--memory-cap", type=float, default=20.0, help="GiB")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; tiny 1)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; tiny 2)")
+    parser.add_argument("--compile", action="store_true", help="ours with method.memory.compile_student=true")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--plan-only", action="store_true", help="build ours, print the static memory plan, run nothing"
+    )
+    parser.add_argument("--json", default=None, help="write the result as one JSON object to this file")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for ours (method.memory.*=...)")
+    args = parser.parse_args()
+
+    preset = "tiny" if args.tiny else args.preset
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    batches = [int(b) for b in (args.batch or ("2" if args.tiny else "2,4,8")).split(",")]
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    iters = args.iters if args.iters is not None else (2 if args.tiny else 10)
+    crop = CROP[preset]
+    note = " (smoke run of the script, not a measurement)" if device.type == "cpu" else ""
+    if args.plan_only:
+        print_plan(preset, args, device)
+        return
+    print(f"preset {preset}, {crop}px HR crops, on {device}{note}", flush=True)
+    rows = []
+    if not args.no_baseline:
+        fresh_peak(device)
+        times = run_baseline(compose_preset(preset, []), args.baseline_batch, crop, device, warmup, iters)
+        rows.append(row("baseline", args.baseline_batch, times, device))
+        print_row(rows[-1])
+        fresh_peak(device)
+
+    overrides = [*args.overrides, *(["method.memory.compile_student=true"] if args.compile else [])]
+    parts = compose_preset(preset, overrides)
+    module = AddSRModule(**parts)
+    capacity = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+    compile_s = None
+    for batch in batches:
+        fresh_peak(device)
+        try:
+            start = time.perf_counter()
+            times = run_ours(module, batch, crop, device, warmup, iters)
+            if args.compile and compile_s is None:  # the warmup iterations hold the compilation
+                compile_s = time.perf_counter() - start - sum(times)
+        except RuntimeError as error:
+            if not is_oom(error):
+                raise
+            rows.append(
+                {
+                    "name": "ours",
+                    "batch": batch,
+                    "ms_per_iteration": None,
+                    "samples_per_s": None,
+                    "peak_gib": None,
+                    "oom": True,
+                }
+            )
+            print(f"ours      batch {batch}: out of memory")
+            break
+        rows.append(row("ours", batch, times, device))
+        print_row(rows[-1])
+    plan = module_memory_plan(module, capacity)
+    print(plan.table())
+
+    ours = [r for r in rows if r["name"] == "ours" and r["samples_per_s"] is not None]
+    fits = [r for r in ours if r["peak_gib"] is None or r["peak_gib"] <= args.memory_cap]
+    best = max(fits, key=lambda r: r["samples_per_s"], default=None)
+    baseline = next((r for r in rows if r["name"] == "baseline"), None)
+    ratio = best["samples_per_s"] / baseline["samples_per_s"] if best and baseline else None
+    largest = max((r["batch"] for r in fits), default=None)
+    cap_note = " (peak not measured on the CPU)" if device.type == "cpu" else ""
+    print(f"largest batch under {args.memory_cap:g} GiB: {largest}{cap_note}")
+    if ratio is not None:
+        print(
+            f"samples/s ratio, ours (batch {best['batch']}) / baseline (batch {baseline['batch']}): {ratio:.2f}x"
+        )
+    if compile_s is not None:
+        print(f"compile time (warmup minus timed iterations): {compile_s:.1f} s")
+    result = {
+        "preset": preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "rows": rows,
+        "ratio_samples_per_s": ratio,
+        "largest_batch_under_cap": largest,
+        "memory_plan": plan.as_dict(),
+    }
+    if compile_s is not None:
+        result["compile_s"] = compile_s
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def print_plan(preset: str, args, device: torch.device) -> None:
+    """The start-up memory plan of ours as bf16-mixed training prints it; built on the meta device
+    (no weights are allocated), so any preset plans in seconds on any machine."""
+    with torch.device("meta"):
+        module = AddSRModule(**compose_preset(preset, args.overrides))
+    module.cast_frozen(torch.bfloat16)
+    capacity = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+    plan = module_memory_plan(module, capacity)
+    print(plan.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": preset, "memory_plan": plan.as_dict()}, f, indent=2)
+
+
+def print_row(r: dict) -> None:
+    peak = "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+    print(
+        f"{r['name']:<9} batch {r['batch']}: {r['ms_per_iteration']:.1f} ms/iteration, "
+        f"{r['samples_per_s']:.2f} samples/s, peak {peak} GiB",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

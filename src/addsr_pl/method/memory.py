@@ -1,0 +1,98 @@
+"""Memory and speed levers of the training iteration; none of them changes the maths.
+
+Each is a key of `method.memory` (conf/method/addsr.yaml states its cost); tests/test_memory_levers.py
+checks every one against the plain computation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from torch import Tensor, nn
+
+from addsr_pl.models.trainable import TRAINABLE_SETS, official_modules
+
+# Blocks that repeat through the UNet and the ControlNet: compiled one by one (regional compilation),
+# so each distinct shape is compiled once and reused by its repeats.
+REPEATED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+
+
+MEMORY_SWITCHES = (
+    "share_frozen_weights",
+    "gradient_checkpointing",
+    "vae_gradient_checkpointing",
+    "fused_adamw",
+    "discriminator_batched",
+    "compile_student",
+)
+
+
+def check_memory_config(memory: dict) -> None:
+    """Name a bad `method.memory` value at start-up (EMA placement and dtype are checked by EMA)."""
+    for key in MEMORY_SWITCHES:
+        if not isinstance(memory[key], bool):
+            raise ValueError(f"method.memory.{key} = {memory[key]!r}: must be true or false")
+    chunk = memory["teacher_decode_chunk"]
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(
+            f"method.memory.teacher_decode_chunk = {chunk!r}: must be null (all at once) or >= 1"
+        )
+    if not isinstance(memory["compile_options"], dict):
+        raise ValueError(f"method.memory.compile_options = {memory['compile_options']!r}: must be a mapping")
+
+
+def trainable_parameter_ids(unet: nn.Module, controlnet: nn.Module, trainable: str) -> set[int]:
+    """ids of the parameters that `select_trainable` will train in place (LoRA adds new ones instead)."""
+    if trainable not in TRAINABLE_SETS:
+        raise ValueError(f"method.trainable = {trainable!r}: must be one of {TRAINABLE_SETS}")
+    modules = {"official": lambda: official_modules(unet, controlnet), "controlnet": lambda: [controlnet]}
+    picked = modules.get(trainable, list)()
+    return {id(p) for module in picked for p in module.parameters()}
+
+
+def copy_sharing_frozen(model: nn.Module, trained_ids: set[int]) -> nn.Module:
+    """A deep copy of `model` whose parameters outside `trained_ids` are the original Parameter objects.
+
+    Student and teacher start from the same checkpoint and the student trains only a subset, so the
+    frozen rest need not exist twice: both models read one storage (saving one copy of the frozen
+    UNet + ControlNet). Casting or moving either model moves the shared weights for both.
+    """
+    memo = {id(p): p for p in model.parameters() if id(p) not in trained_ids}
+    return copy.deepcopy(model, memo)
+
+
+def shared_parameters(a: nn.Module, b: nn.Module) -> list[str]:
+    """Names (in `a`) of the parameters that `a` and `b` hold as the same object."""
+    in_b = {id(p) for p in b.parameters()}
+    return [name for name, p in a.named_parameters() if id(p) in in_b]
+
+
+def enable_gradient_checkpointing(*models: nn.Module) -> None:
+    """diffusers' own activation checkpointing (ResNet and transformer blocks are recomputed in backward)."""
+    for model in models:
+        model.enable_gradient_checkpointing()
+
+
+def decode_in_chunks(codec, latents: Tensor, chunk: int | None) -> Tensor:
+    """codec.decode over slices of at most `chunk` latents (None: all at once); the same images."""
+    if not chunk or latents.shape[0] <= chunk:
+        return codec.decode(latents)
+    return torch.cat([codec.decode(part) for part in latents.split(chunk)])
+
+
+def compile_repeated_blocks(model: nn.Module, **options) -> int:
+    """torch.compile each repeated block of `model` in place; returns how many were compiled."""
+    blocks = [m for m in model.modules() if isinstance(m, REPEATED_BLOCKS)]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def optimizer_options(target: str, fused_adamw: bool, device: torch.device) -> dict:
+    """Extra constructor arguments: `fused=True` for torch's AdamW on CUDA when `fused_adamw` is set."""
+    if fused_adamw and device.type == "cuda" and target == "torch.optim.AdamW":
+        return {"fused": True}
+    return {}

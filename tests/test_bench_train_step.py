@@ -1,0 +1,53 @@
+"""bench/train_step.py keeps the interface the GPU check reads: one JSON object with both rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench" / "train_step.py"
+
+
+@pytest.mark.slow  # two tiny training iterations on the CPU, plus start-up
+def test_the_tiny_smoke_run_prints_and_writes_the_baseline_and_our_rows(tmp_path):
+    out = tmp_path / "train_step.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--warmup", "0", "--iters", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "baseline" in run.stdout and "samples/s" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["preset"] == "tiny" and result["device"] == "cpu"
+    assert [(r["name"], r["batch"]) for r in result["rows"]] == [("baseline", 2), ("ours", 2)]
+    for r in result["rows"]:
+        assert r["samples_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_iteration"])
+        assert r["peak_gib"] is None  # not measured on the CPU
+    assert result["ratio_samples_per_s"] == pytest.approx(
+        result["rows"][1]["samples_per_s"] / result["rows"][0]["samples_per_s"]
+    )
+    assert result["largest_batch_under_cap"] == 2
+    plan = result["memory_plan"]
+    assert plan["levers"]["share_frozen_weights"] is True
+    assert plan["components"][0]["name"] == "student (trained)"
+
+
+def test_the_plan_only_run_gives_the_seesr_size_counts_without_allocating_weights(tmp_path):
+    out = tmp_path / "plan.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--preset", "seesr", "--plan-only", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {c["name"]: c for c in json.loads(out.read_text())["memory_plan"]["components"]}
+    # SeeSR's trainable set (image attentions + ControlNet conditioning embedding) and its UNet + ControlNet
+    assert rows["student (trained)"]["trainable_m"] == pytest.approx(386.7, abs=0.05)
+    assert rows["teacher UNet + ControlNet"]["params_m"] == pytest.approx(1126.8 + 489.0, abs=0.1)
+    assert rows["student (frozen, own)"]["params_m"] == 0
+    assert rows["tagger"]["params_m"] == pytest.approx(212.1, abs=0.05)
