@@ -13,6 +13,7 @@ from torch import Tensor
 
 from addsr_pl.core.sampler import Denoiser, StudentStep, add_noise, predict_x0, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
+from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import (
@@ -23,6 +24,7 @@ from addsr_pl.method.losses import (
     ta_step_index,
     ta_weights,
 )
+from addsr_pl.method.nonfinite import NonFiniteGuard, step_apart
 from addsr_pl.models.conditioning import Conditioner, Conditioning
 from addsr_pl.models.trainable import select_trainable
 from addsr_pl.models.vae import VaeCodec
@@ -79,6 +81,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.build(model, conditioning, method)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.micro_step = 0
+        # `fault.nan_loss_at_iteration` sets `nonfinite.inject_at_iteration` (addsr_pl.train)
+        self.nonfinite = NonFiniteGuard(method["max_consecutive_nonfinite"])
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
@@ -230,12 +234,12 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
             per_sample = distillation_loss(student_x0, teacher_x0, teacher_t, self.alphas_cumprod)
             loss_dis = (per_sample * self.ta[ta_index]).mean()
+            loss_dis = self.nonfinite.inject(loss_dis, int(self.iteration) + 1, self.global_rank)
             loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
             loss = loss_dis + m["lambda_adv"] * loss_adv
+            self.nonfinite.check_loss("loss_dis", loss_dis)
+            self.nonfinite.check_loss("loss_g_adv", loss_adv)
             self.manual_backward(loss / m["accumulate_grad_batches"])
-            if last_micro:
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
         logs = {
             "loss_dis": loss_dis,
             "loss_g_adv": loss_adv,
@@ -255,10 +259,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             real = self.discriminator(hr, c, g_dev)
             fake = self.discriminator(unroll.graded.x0_image.detach(), c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
+            self.nonfinite.check_loss("loss_d", loss_d)
             self.manual_backward(loss_d / self.method["accumulate_grad_batches"])
-            if last_micro:
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
         return {"loss_d": loss_d, "d_real": real.mean(), "d_fake": fake.mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -272,15 +274,31 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
         logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
         self.micro_step += 1
-        if last_micro:
+        if last_micro and self.optimizer_steps():
             self.after_iteration()
+        elif last_micro:
+            self.iteration += 1  # skipped: only the counters move
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=hr.shape[0])
         logs["unroll_k"] = torch.tensor(float(unroll.k))
+        graded_steps = [k for k in logs if k.startswith("loss_dis_step")]
+        log_where_computed(self, {f"train/{k}": logs.pop(k) for k in graded_steps})
         self.log_dict(
             {f"train/{k}": v.detach().float() for k, v in logs.items()},
             prog_bar=False,
             batch_size=hr.shape[0],
         )
         self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
+
+    def optimizer_steps(self) -> bool:
+        """Both optimizer steps of the iteration, or neither when a loss or gradient is non-finite."""
+        opt_g, opt_d = self.optimizers()
+        student = [p for _, p in self.student_trainable()]
+        discriminator = [p for _, p in self.discriminator_trainable()]
+        grads = {"g": [p.grad for p in student], "d": [p.grad for p in discriminator]}
+        ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
+        # skipped: the gradients are dropped, so the steps move nothing but the step counters
+        step_apart(opt_g, student, opt_d, discriminator)
+        return ok
 
     def after_iteration(self) -> None:
         self.iteration += 1
