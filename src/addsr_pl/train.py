@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,9 +94,7 @@ def wandb_run_id(output_dir: Path) -> str:
     path = output_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 lower-case letters and digits
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
