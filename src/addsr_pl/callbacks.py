@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -33,11 +34,13 @@ class Preemption(pl.Callback):
         dirpath: folder of `last.ckpt` (the checkpoint callback's).
         exit_code: the process's exit status after a pre-emption.
         signals: signal names to handle.
+        rank_exit_timeout_s: how long the launching process waits for the ranks it started.
     """
 
-    def __init__(self, dirpath: str, exit_code: int, signals: list[str]):
+    def __init__(self, dirpath: str, exit_code: int, signals: list[str], rank_exit_timeout_s: float):
         self.path = Path(dirpath) / "last.ckpt"
         self.exit_code = exit_code
+        self.rank_exit_timeout_s = rank_exit_timeout_s
         self.signals = [getattr(signal, name) for name in signals]
         self.received = 0
         self._previous: dict[int, object] = {}
@@ -81,6 +84,20 @@ class Preemption(pl.Callback):
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
         self._restore()
         raise Preempted(self.exit_code)
+
+    def wait_for_started_ranks(self, trainer) -> None:
+        """In the launching process: wait for the ranks it started (Lightning's `ddp` launcher) to
+        exit, killing those that outlive `rank_exit_timeout_s`, so no rank outlives the job's exit."""
+        for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+            try:
+                proc.wait(timeout=self.rank_exit_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "Rank process %d did not exit within %s s; killing it.",
+                    proc.pid,
+                    self.rank_exit_timeout_s,
+                )
+                proc.kill()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()

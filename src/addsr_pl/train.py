@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from addsr_pl.callbacks import Preempted, Preemption
 from addsr_pl.config import validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
@@ -189,7 +190,13 @@ def train(cfg: DictConfig) -> dict:
                 logger.log_hyperparams(config)
         callbacks = [*build_callbacks(cfg), RunConfigInCheckpoint(config, changes)]
         trainer = build_trainer(cfg, callbacks, loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except Preempted:
+            for callback in trainer.callbacks:
+                if isinstance(callback, Preemption):
+                    callback.wait_for_started_ranks(trainer)
+            raise
         result = {
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "output_dir": cfg.paths.output_dir,
