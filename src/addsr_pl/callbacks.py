@@ -115,3 +115,17 @@ class BadFileCount(pl.Callback):
             return
         count = torch.tensor(float(len(datamodule.bad_files)), device=pl_module.device)
         pl_module.log("train/bad_files_skipped", count, batch_size=1, sync_dist=True, reduce_fx="sum")
+
+
+class FinalCheckpoint(pl.Callback):
+    """Writes `last.ckpt` when training ends, so it always holds the state the run stopped at.
+
+    Lightning's `ModelCheckpoint(save_last=True)` skips its end-of-training save once any `last`
+    was written earlier in the run (e.g. after a validation), which left `last.ckpt` behind the run.
+    """
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
