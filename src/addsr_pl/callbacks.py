@@ -62,6 +62,9 @@ class Preemption(pl.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        accumulate = (getattr(pl_module, "method", None) or {}).get("accumulate_grad_batches", 1)
+        if getattr(pl_module, "micro_step", 0) % accumulate:
+            return  # inside an accumulated iteration (same on every rank): wait for its end
         received = torch.tensor(float(self.received), device=pl_module.device)
         signum = int(trainer.strategy.reduce(received, reduce_op="max"))
         if not signum:
