@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("[2/5] training the tiny teacher")
     teacher_run = out / "teacher"
+    for run in (teacher_run, out / "student"):  # a rerun trains afresh (training refuses to overwrite a run)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
     train(compose_config("train", teacher_run, [*with_vae, "stage=teacher", f"trainer.max_steps={settings.teacher.max_steps}",
                                                 *settings.teacher.overrides]))  # fmt: skip
     teacher_dir = teacher_run / "teacher"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,11 +15,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from addsr_pl.callbacks import Preempted, Preemption
 from addsr_pl.config import validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.teacher import TeacherModule, export_teacher
 from addsr_pl.paths import config_dir
+from addsr_pl.resume import RunConfigInCheckpoint, check_resume, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,20 @@ def sweep_group(cfg: DictConfig) -> str | None:
     return f"{cfg.task_name}/{Path(HydraConfig.get().sweep.dir).name}"
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """This run dir's wandb run id: drawn once and kept in `<run dir>/wandb_run_id.txt`."""
+    path = output_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 lower-case letters and digits
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def build_loggers(cfg: DictConfig) -> list:
     """The configured loggers; a wandb logger without `name` / `group` gets this job's and sweep's."""
     loggers = []
@@ -92,6 +109,9 @@ def build_loggers(cfg: DictConfig) -> list:
         if str(node.get("_target_", "")).endswith("WandbLogger"):
             node["name"] = node.get("name") or run_name(cfg)
             node["group"] = node.get("group") or sweep_group(cfg)
+            # a resumed (or requeued) run goes on logging into the wandb run it started
+            node["id"] = node.get("id") or wandb_run_id(Path(cfg.paths.output_dir))
+            node["resume"] = node.get("resume") or "allow"
         loggers.append(instantiate(node))
     return loggers
 
@@ -114,6 +134,19 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         method=OmegaConf.to_container(cfg.method, resolve=True),
         seed=cfg.seed,
     )
+
+
+def build_module_for_run(cfg: DictConfig) -> pl.LightningModule:
+    """`build_module`, with the run's fault injection (`fault.*`) attached."""
+    module = build_module(cfg)
+    inject = (cfg.get("fault") or {}).get("nan_loss_at_iteration")
+    if inject is not None:
+        if not hasattr(module, "nonfinite"):
+            raise ValueError(
+                f"fault.nan_loss_at_iteration is not supported for stage={cfg.stage}; set it to null."
+            )
+        module.nonfinite.inject_at_iteration = int(inject)
+    return module
 
 
 def export(cfg: DictConfig, module: pl.LightningModule) -> dict:
@@ -143,16 +176,27 @@ def train(cfg: DictConfig) -> dict:
     if any), and the module, datamodule and trainer objects, for callers that go on in-process.
     """
     validate(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    config = resolved_config(cfg)
+    allowed = list((cfg.get("resume") or {}).get("allow_changes") or [])
+    changes = check_resume(ckpt_path, config, allowed) if ckpt_path else {}
     with wandb_run_ends_with_job():
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
-        module = build_module(cfg)
+        module = build_module_for_run(cfg)
         loggers = build_loggers(cfg)
         for logger in loggers:
             if hasattr(logger, "log_hyperparams"):
-                logger.log_hyperparams(resolved_config(cfg))
-        trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+                logger.log_hyperparams(config)
+        callbacks = [*build_callbacks(cfg), RunConfigInCheckpoint(config, changes)]
+        trainer = build_trainer(cfg, callbacks, loggers)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except Preempted:
+            for callback in trainer.callbacks:
+                if isinstance(callback, Preemption):
+                    callback.wait_for_started_ranks(trainer)
+            raise
         result = {
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "output_dir": cfg.paths.output_dir,
@@ -160,6 +204,8 @@ def train(cfg: DictConfig) -> dict:
             "datamodule": datamodule,
             "trainer": trainer,
         }
+        # every rank has finished training (and saved) before rank 0 exports alone
+        trainer.strategy.barrier("export")
         if trainer.is_global_zero:
             result |= export(cfg, module)
     return result

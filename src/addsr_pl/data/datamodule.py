@@ -75,6 +75,11 @@ class ResumableDataLoader(DataLoader):
     loader has yielded (Lightning's fetcher does not prefetch from loaders with a length, so yielded
     batches are consumed batches). After ``load_state_dict`` the next iteration over that epoch
     starts at that batch.
+
+    The loader keeps its own epoch count: its first pass takes the sampler's epoch, each later pass
+    the next one, and a restored position wins over the epoch Lightning sets. A run stopped at
+    `max_steps` in mid-epoch is saved by Lightning as a finished epoch; its resume still continues
+    that epoch at the saved batch instead of skipping the rest of it.
     """
 
     def __init__(self, *args, bad_file_log: BadFileLog | None = None, **kwargs):
@@ -82,6 +87,7 @@ class ResumableDataLoader(DataLoader):
         self.bad_file_log = bad_file_log
         self._epoch = 0
         self._batches = 0
+        self._passes = 0
         self._resume: tuple[int, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
@@ -92,15 +98,18 @@ class ResumableDataLoader(DataLoader):
         if batches >= len(self):  # saved at the end of an epoch: resume at the next one
             epoch, batches = epoch + 1, 0
         self._resume = (epoch, batches)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator:
-        sampler_epoch = getattr(self.sampler, "epoch", 0)
-        skip = 0
-        if self._resume is not None and self._resume[0] == sampler_epoch:
-            skip = self._resume[1]
+        if self._resume is not None:
+            sampler_epoch, skip = self._resume
+        elif self._passes:
+            sampler_epoch, skip = self._epoch + 1, 0
+        else:
+            sampler_epoch, skip = getattr(self.sampler, "epoch", 0), 0
         self._resume = None
+        self._passes += 1
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(sampler_epoch)
         if isinstance(self.sampler, EpochShuffleSampler):
             self.sampler.start = skip * self.batch_size
         elif skip:

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from addsr_pl.core.student_format import FORMAT, FORMAT_VERSION, MANIFEST
+from addsr_pl.method.nonfinite import assert_finite_weights
 from addsr_pl.models.trainable import merged_state_dict
 
 
@@ -33,6 +34,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 
 def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> Path:
     """Write the EMA student of an AddSRModule to `out_dir` and return the folder."""
+    assert_finite_weights(module.ema.named_buffers(), "The EMA student")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     components: dict[str, dict] = {}

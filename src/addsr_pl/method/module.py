@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from addsr_pl.core.sampler import (
     upscale,
 )
 from addsr_pl.inference.pipeline import AddSRPipeline
+from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import (
@@ -41,6 +43,7 @@ from addsr_pl.method.memory import (
     trainable_parameter_ids,
 )
 from addsr_pl.method.memory_plan import report_memory_plan
+from addsr_pl.method.nonfinite import NonFiniteGuard, step_alone, step_apart
 from addsr_pl.models.conditioning import Conditioner, Conditioning
 from addsr_pl.models.trainable import select_trainable
 from addsr_pl.models.vae import VaeCodec
@@ -98,6 +101,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.build(model, conditioning, method)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.micro_step = 0
+        # `fault.nan_loss_at_iteration` sets `nonfinite.inject_at_iteration` (addsr_pl.train)
+        self.nonfinite = NonFiniteGuard(method["max_consecutive_nonfinite"])
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
@@ -284,12 +289,12 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
             per_sample = distillation_loss(student_x0, teacher_x0, teacher_t, self.alphas_cumprod)
             loss_dis = (per_sample * self.ta[ta_index]).mean()
+            loss_dis = self.nonfinite.inject(loss_dis, int(self.iteration) + 1, self.global_rank)
             loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
             loss = loss_dis + m["lambda_adv"] * loss_adv
+            self.nonfinite.check_loss("loss_dis", loss_dis)
+            self.nonfinite.check_loss("loss_g_adv", loss_adv)
             self.manual_backward(loss / m["accumulate_grad_batches"])
-            if last_micro:
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
         logs = {
             "loss_dis": loss_dis,
             "loss_g_adv": loss_adv,
@@ -316,10 +321,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
                 real = self.discriminator(hr, c, g_dev)
                 fake = self.discriminator(x0_image, c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
+            self.nonfinite.check_loss("loss_d", loss_d)
             self.manual_backward(loss_d / self.method["accumulate_grad_batches"])
-            if last_micro:
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
         return {"loss_d": loss_d, "d_real": real.mean(), "d_fake": fake.mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -330,25 +333,80 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
         targets = self.teacher_targets(unroll, hr, g_dev)
         c = self.discriminator.condition(lr_up)
+        undo_d = None
         if self.method["gd_order"] == "discriminator_first":
-            # the official order: D learns on this batch's x0 first, then G faces the updated D
+            # the official order: D steps on this batch's x0 first, then G faces the updated D
             logs = self.discriminator_step(unroll, hr, c, g_dev, last_micro)
+            if last_micro:
+                undo_d = self.step_discriminator_first()
             logs |= self.generator_step(unroll, targets, c, g_dev, last_micro)
         else:
             logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
             logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
         self.micro_step += 1
-        if self.method["ema_every"] == "micro_step":
-            self.ema.update()
-        if last_micro:
+        stepped = last_micro and self.optimizer_steps(undo_d)
+        if stepped:
             self.after_iteration()
+        elif last_micro:
+            self.iteration += 1  # skipped: only the counters move
+        if self.method["ema_every"] == "micro_step" and (stepped or not last_micro):
+            self.ema.update()  # after this micro-step's optimizer steps, as the official loop
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=hr.shape[0])
         logs["unroll_k"] = torch.tensor(float(unroll.k))
+        graded_steps = [k for k in logs if k.startswith("loss_dis_step")]
+        log_where_computed(self, {f"train/{k}": logs.pop(k) for k in graded_steps})
         self.log_dict(
             {f"train/{k}": v.detach().float() for k, v in logs.items()},
             prog_bar=False,
             batch_size=hr.shape[0],
         )
         self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
+
+    def step_discriminator_first(self):
+        """`gd_order: discriminator_first`: step D before the student's forward, and return how to undo
+        that step (weights and optimizer state) should the student's loss turn out non-finite, so that a
+        skipped iteration still moves nothing. None when D's own gradients are non-finite (not stepped)."""
+        _, opt_d = self.optimizers()
+        student = [p for _, p in self.student_trainable()]
+        discriminator = [p for _, p in self.discriminator_trainable()]
+        if not self.nonfinite.check_grads("grad_d", [p.grad for p in discriminator]):
+            for p in discriminator:
+                p.grad = None
+            step_alone(opt_d, student)  # moves nothing but the step counter; the guard skips the iteration
+            return None
+        weights = [p.detach().clone() for p in discriminator]
+        state = copy.deepcopy(opt_d.optimizer.state_dict())
+        step_alone(opt_d, student)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for p, w in zip(discriminator, weights):
+                    p.copy_(w)
+            opt_d.optimizer.load_state_dict(state)
+
+        return undo
+
+    def optimizer_steps(self, undo_d=None) -> bool:
+        """Both optimizer steps of the iteration, or neither when a loss or gradient is non-finite.
+
+        With `undo_d` the discriminator has already stepped (`gd_order: discriminator_first`): only the
+        student steps here, and a skipped iteration undoes the discriminator's step.
+        """
+        opt_g, opt_d = self.optimizers()
+        student = [p for _, p in self.student_trainable()]
+        discriminator = [p for _, p in self.discriminator_trainable()]
+        grads = {"g": [p.grad for p in student]}
+        if self.method["gd_order"] != "discriminator_first":
+            grads["d"] = [p.grad for p in discriminator]
+        ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
+        # skipped: the gradients are dropped, so the steps move nothing but the step counters
+        if self.method["gd_order"] != "discriminator_first":
+            step_apart(opt_g, student, opt_d, discriminator)
+            return ok
+        if not ok and undo_d is not None:
+            undo_d()
+        step_alone(opt_g, discriminator)
+        return ok
 
     def after_iteration(self) -> None:
         self.iteration += 1

@@ -1,0 +1,134 @@
+"""Training callbacks for long, pre-emptible, multi-process runs (configured in conf/callbacks/)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(SystemExit):
+    """The run was stopped by a pre-emption signal after writing its checkpoint."""
+
+
+class Preemption(pl.Callback):
+    """SIGTERM / SIGUSR1: finish the iteration, write `last.ckpt` on every rank together, exit non-zero.
+
+    The signal handler only records the signal (no collective call can run inside a handler). After
+    each training iteration every rank all-reduces what it received, so all ranks see a signal sent
+    to any of them at the same iteration; they save one checkpoint at that clean boundary and raise
+    `Preempted(exit_code)`, so schedulers and `train && evaluate` chains see the run as unfinished.
+    Under SLURM with auto-requeue (Lightning's `SLURMEnvironment`), the requeue signal also goes
+    through Lightning's own handler, which writes its `hpc_ckpt_*.ckpt` and requeues the job;
+    `ckpt_path=last` resumes from the newer of the two.
+
+    Args:
+        dirpath: folder of `last.ckpt` (the checkpoint callback's).
+        exit_code: the process's exit status after a pre-emption.
+        signals: signal names to handle.
+        rank_exit_timeout_s: how long the launching process waits for the ranks it started.
+    """
+
+    def __init__(self, dirpath: str, exit_code: int, signals: list[str], rank_exit_timeout_s: float):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.exit_code = exit_code
+        self.rank_exit_timeout_s = rank_exit_timeout_s
+        self.signals = [getattr(signal, name) for name in signals]
+        self.received = 0
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum, frame) -> None:
+        self.received = int(signum)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning's own handlers, which would broadcast inside the handler
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("Not in the main thread: pre-emption signals are left to Lightning.")
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._record)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        accumulate = (getattr(pl_module, "method", None) or {}).get("accumulate_grad_batches", 1)
+        if getattr(pl_module, "micro_step", 0) % accumulate:
+            return  # inside an accumulated iteration (same on every rank): wait for its end
+        received = torch.tensor(float(self.received), device=pl_module.device)
+        signum = int(trainer.strategy.reduce(received, reduce_op="max"))
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        log.warning(
+            "Rank %d: %s received; writing %s at iteration %d and stopping.",
+            trainer.global_rank,
+            name,
+            self.path,
+            int(getattr(pl_module, "iteration", trainer.global_step)),
+        )
+        trainer.save_checkpoint(self.path)
+        environment = trainer._accelerator_connector.cluster_environment
+        if (
+            isinstance(environment, SLURMEnvironment)
+            and environment.auto_requeue
+            and signum == environment.requeue_signal
+        ):
+            trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+        self._restore()
+        raise Preempted(self.exit_code)
+
+    def wait_for_started_ranks(self, trainer) -> None:
+        """In the launching process: wait for the ranks it started (Lightning's `ddp` launcher) to
+        exit, killing those that outlive `rank_exit_timeout_s`, so no rank outlives the job's exit."""
+        for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+            try:
+                proc.wait(timeout=self.rank_exit_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "Rank process %d did not exit within %s s; killing it.",
+                    proc.pid,
+                    self.rank_exit_timeout_s,
+                )
+                proc.kill()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+
+class BadFileCount(pl.Callback):
+    """Logs `train/bad_files_skipped`: unreadable training files met so far, summed over ranks."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "bad_files"):
+            return
+        count = torch.tensor(float(len(datamodule.bad_files)), device=pl_module.device)
+        pl_module.log("train/bad_files_skipped", count, batch_size=1, sync_dist=True, reduce_fx="sum")
+
+
+class FinalCheckpoint(pl.Callback):
+    """Writes `last.ckpt` when training ends, so it always holds the state the run stopped at.
+
+    Lightning's `ModelCheckpoint(save_last=True)` skips its end-of-training save once any `last`
+    was written earlier in the run (e.g. after a validation), which left `last.ckpt` behind the run.
+    """
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)

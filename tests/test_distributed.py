@@ -1,0 +1,112 @@
+"""Two-process DDP on CPU (gloo), as `trainer=ddp` runs on GPUs: validation, a NaN, SIGTERM, resume.
+
+Every run is a subprocess in its own process group, killed whole on timeout, so a deadlock fails
+the test within minutes instead of hanging it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+PREEMPTED_EXIT_CODE = 143  # conf/callbacks/default.yaml: preemption.exit_code
+TIMEOUT_S = 240
+
+
+def ddp_args(run: Path, cache_dir, preset: str = "ddp") -> list[str]:
+    return [
+        sys.executable, "-m", "addsr_pl.train", "model=tiny", f"trainer={preset}", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", "data.crop_size=32", "data.batch_size=2", "data.val_batch_size=1",
+        f"hydra.run.dir={run}", f"paths.cache_dir={cache_dir}",
+    ]  # fmt: skip
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"DDP run timed out after {timeout} s (deadlock?):\n{out[-4000:]}")
+    return out
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    # 1. a long run, pre-empted by SIGTERM to the launching process once it has saved an iteration
+    proc = start([*ddp_args(run, cache_dir), "trainer.max_steps=200", "trainer.limit_val_batches=0",
+                  "callbacks.checkpoint.every_n_iterations=1"])  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while not list(ckpts.glob("step*.ckpt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint appeared:\n{proc.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
+    assert not group_alive(proc.pid), "a rank outlived the pre-empted launcher"
+    assert "SIGTERM received" in out and not (run / "student").exists()
+    stopped_at = int(torch.load(ckpts / "last.ckpt", weights_only=False)["state_dict"]["iteration"])
+    assert 1 <= stopped_at < 200
+
+    # 2. resume to stopped_at + 4 with validation on every epoch (2 iterations per epoch on 2 ranks)
+    #    and one NaN distillation loss on rank 0 at the next iteration: both ranks skip it together
+    target, nan_at = stopped_at + 4, stopped_at + 1
+    proc = start([*ddp_args(run, cache_dir), f"trainer.max_steps={target}", "ckpt_path=last",
+                  "trainer.limit_val_batches=1", f"fault.nan_loss_at_iteration={nan_at}"])  # fmt: skip
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    # each rank's log: rank 0 met the NaN, rank 1 its average in the all-reduced gradients; both skip
+    logs = {0: (run / "train.log").read_text(), 1: (run / "train_ddp_process_1.log").read_text()}
+    assert f"Iteration {nan_at}: non-finite loss_dis, grad_g on rank 0" in logs[0]
+    for rank, text in logs.items():
+        skips = [line for line in text.splitlines() if "both optimizer steps skipped" in line]
+        assert len(skips) == 1 and f"Iteration {nan_at}: " in skips[0] and f"on rank {rank}" in skips[0], rank
+    ckpt = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert int(ckpt["state_dict"]["iteration"]) == target and ckpt["nonfinite"]["skipped"] == 1
+    resumed_log = sorted(run.glob("csv/version_*/metrics.csv"))[-1].read_text().splitlines()
+    psnr = resumed_log[0].split(",").index("val/psnr_1step")
+    assert any(row.split(",")[psnr] for row in resumed_log[1:])  # validation ran (and did not deadlock)
+    for part in ("unet", "controlnet"):
+        for file in (run / "student" / part).glob("*.safetensors"):
+            assert all(torch.isfinite(v).all() for v in load_file(file).values())
+
+
+def test_ddp_zero_shards_the_optimizer_state_and_saves_it_whole(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    proc = start(
+        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=2", "trainer.limit_val_batches=0"]
+    )
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert int(ckpt["state_dict"]["iteration"]) == 2
+    # consolidated on rank 0: one AdamW state per trainable parameter, as without sharding
+    trainable_g = sum(1 for k in ckpt["state_dict"] if k.startswith("student."))
+    state_g = ckpt["optimizer_states"][0]["state"]
+    assert len(state_g) == trainable_g and all("exp_avg" in s for s in state_g.values())
+    assert (run / "student" / "addsr_student.json").is_file()
