@@ -585,7 +585,8 @@ class RAMTagger(nn.Module):
             images.float(), size=(size, size), mode=self.interpolation, antialias=self.antialias
         )
         x = (x.clamp(0, 1) - self.image_mean) / self.image_std
-        return x.to(self.dtype)
+        # the weights' dtype: a pipeline may have cast RAM after construction
+        return x.to(self.ram.image_proj.weight.dtype)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> TaggerOutput:
