@@ -158,6 +158,8 @@ def test_speed_settings_validate_and_fall_back_to_the_student():
     )
     with pytest.raises(ValueError, match="compile = 'max-autotune'"):
         SpeedSettings.from_dict({**defaults, "compile": "max-autotune"})
+    with pytest.raises(ValueError, match="compile_scope"):
+        SpeedSettings.from_dict({**defaults, "compile_scope": "everything"})
     with pytest.raises(ValueError, match="precision"):
         speed_settings({}, {k: v for k, v in defaults.items() if k != "precision"})
     cpu = SpeedSettings.from_dict({**defaults, "cuda_graph": True})
@@ -184,7 +186,8 @@ def test_compiled_sampler_matches_eager_on_the_cpu(tmp_path):
     lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     eager = pipeline(lr, steps=1, generator=torch.Generator().manual_seed(0))
     defaults = exported_defaults()
-    pipeline.with_speed(SpeedSettings.from_dict({**defaults, "compile": "default"}), "cpu")
+    speed = {**defaults, "compile": "default", "compile_scope": "modules"}
+    pipeline.with_speed(SpeedSettings.from_dict(speed), "cpu")
     compiled = pipeline(lr, steps=1, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(compiled, eager, atol=2e-4, rtol=1e-4)
 

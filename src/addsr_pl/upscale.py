@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from addsr_pl.inference.io import list_images, plan_outputs
 from addsr_pl.inference.pipeline import AddSRPipeline
-from addsr_pl.inference.speed import COMPILE_MODES, PRECISION_CHOICES
+from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.inference.upscaler import Upscaler
 from addsr_pl.paths import config_dir
 
@@ -46,7 +46,12 @@ def parser() -> argparse.ArgumentParser:
         help="channels_last weights (student default)",
     )
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, help="TF32 for fp32 work on CUDA")
-    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile of the whole sampler")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode (student default: none)")
+    p.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        help="modules: each large module once | sampler: the whole sampler",
+    )
     p.add_argument(
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
@@ -90,6 +95,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "channels_last",
         "tf32",
         "compile",
+        "compile_scope",
         "cuda_graph",
         "psr_decoder",
     ):

@@ -267,12 +267,12 @@ class AddSRPipeline:
                     "CUDA graph capture failed (%s); running eagerly. --no-cuda-graph skips it.", error
                 )
                 self._graphs = None
+        if self.speed is not None and self.speed.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # torch's own CUDA graphs: a new step begins
         if self._compiled is not None and not tiled:
-            if self.speed.compile == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
             image = self._compiled(inputs, constants).clone()
         else:
-            image = self.final_image(inputs, constants)
+            image = self.final_image(inputs, constants).clone()
         return image[..., :h, :w]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AddSRPipeline:
@@ -281,6 +281,16 @@ class AddSRPipeline:
             module.to(device=device, dtype=dtype)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
+
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        """What `compile_scope: modules` compiles: each runs once or more per step with fixed shapes."""
+        modules = [self.denoiser, self.codec.vae.encoder, self.codec.vae.decoder]
+        tagger = self.conditioner.tagger
+        if tagger is not None and hasattr(tagger, "ram"):
+            modules.append(tagger.ram.visual_encoder)
+        if self.psr_decoder is not None:
+            modules.append(self.psr_decoder.autoencoder.decoder)
+        return modules
 
     def with_speed(self, speed: SpeedSettings, device: torch.device | str) -> AddSRPipeline:
         """This pipeline on `device` with `speed`: precision, channels_last, TF32, and the whole-sampler
@@ -294,8 +304,11 @@ class AddSRPipeline:
         self.speed = speed
         function = self.final_image
         self._compiled = None
-        if speed.compile != "none":
+        if speed.compile != "none" and speed.compile_scope == "sampler":
             function = self._compiled = torch.compile(self.final_image, mode=speed.compile, dynamic=False)
+        elif speed.compile != "none":
+            for module in self.compiled_modules():
+                module.compile(mode=speed.compile, dynamic=False)
         self._graphs = (
             SamplerGraphs(function, speed.cuda_graph_warmup, speed.cuda_graph_cache)
             if speed.graphs_on(device)

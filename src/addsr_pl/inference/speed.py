@@ -20,6 +20,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # auto: bf16 on CUDA (no fp16 overflow in the VAE, Hopper's fast path), fp32 elsewhere.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("modules", "sampler")
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,10 @@ class SpeedSettings:
         precision: auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on the CPU).
         channels_last: UNet, ControlNet and VAE weights in channels_last memory format.
         tf32: TF32 matmuls and convolutions for what stays in fp32 (CUDA).
-        compile: none | default | reduce-overhead | max-autotune-no-cudagraphs: `torch.compile` of the
-            whole sampler (encode, every step, the decodes) as one function.
+        compile: none | default | reduce-overhead | max-autotune-no-cudagraphs: the `torch.compile` mode.
+        compile_scope: modules (the denoiser, the VAE encoder and decoder, the tagger's image encoder and
+            the small decoder, each compiled once and reused by every step count) | sampler (the whole
+            sampler as one graph per input signature: more fusion, one compilation per step count).
         cuda_graph: capture the whole sampler as a CUDA graph per input signature and replay it
             (CUDA only; with compile=reduce-overhead torch.compile's own graphs are used instead).
         cuda_graph_warmup: eager runs on a side stream before a capture (lazy initialisations).
@@ -42,6 +45,7 @@ class SpeedSettings:
     channels_last: bool
     tf32: bool
     compile: str
+    compile_scope: str
     cuda_graph: bool
     cuda_graph_warmup: int
     cuda_graph_cache: int
@@ -54,6 +58,8 @@ class SpeedSettings:
                 f"compile = {self.compile!r}: must be one of {list(COMPILE_MODES)} "
                 "(max-autotune with CUDA graphs is reduce-overhead's job plus minutes of tuning: not offered)"
             )
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope = {self.compile_scope!r}: must be one of {list(COMPILE_SCOPES)}")
         if self.cuda_graph_warmup < 1 or self.cuda_graph_cache < 1:
             raise ValueError(
                 f"cuda_graph_warmup = {self.cuda_graph_warmup}, cuda_graph_cache = {self.cuda_graph_cache}: "
