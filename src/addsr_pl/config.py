@@ -125,8 +125,18 @@ def validate(cfg: DictConfig) -> None:
 
         validate_teacher(cfg)
         return
+    if cfg.stage == "psr_decoder":
+        from addsr_pl.method.psr_decoder import validate_psr_decoder  # the stage's own method keys
+
+        validate_psr_decoder(cfg)
+        return
     if cfg.stage != "addsr":
-        _fail("stage", cfg.stage, "must be 'addsr' (distil the student) or 'teacher' (train its teacher)")
+        _fail(
+            "stage",
+            cfg.stage,
+            "must be 'addsr' (distil the student), 'teacher' (train its teacher) or 'psr_decoder' "
+            "(distil the small PSR decoder)",
+        )
     method = OmegaConf.to_container(cfg.method, resolve=True)
     validate_method(method)
     conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)

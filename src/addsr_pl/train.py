@@ -19,6 +19,7 @@ from addsr_pl.callbacks import Preempted, Preemption
 from addsr_pl.config import validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
+from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
 from addsr_pl.paths import config_dir
 from addsr_pl.resume import RunConfigInCheckpoint, check_resume, resolve_ckpt_path
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Lightning's step counter advances once per optimizer step: an AddSR iteration is a student and a
 # discriminator step, a teacher iteration one step.
-OPTIMIZER_STEPS_PER_ITERATION = {"addsr": 2, "teacher": 1}
+OPTIMIZER_STEPS_PER_ITERATION = {"addsr": 2, "teacher": 1, "psr_decoder": 1}
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -127,7 +128,7 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     """The stage's LightningModule: AddSRModule (stage=addsr) or TeacherModule (stage=teacher)."""
-    module_cls = TeacherModule if cfg.stage == "teacher" else AddSRModule
+    module_cls = {"teacher": TeacherModule, "psr_decoder": PsrDecoderModule}.get(cfg.stage, AddSRModule)
     return module_cls(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         conditioning=OmegaConf.to_container(cfg.conditioning, resolve=True),
@@ -152,6 +153,10 @@ def build_module_for_run(cfg: DictConfig) -> pl.LightningModule:
 def export(cfg: DictConfig, module: pl.LightningModule) -> dict:
     """Write what the stage trained: the EMA student (`student/`) or the teacher (`teacher/`)."""
     out = Path(cfg.paths.output_dir)
+    if cfg.stage == "psr_decoder":
+        folder = export_psr_decoder(module, out, cfg.get("student_dir"))
+        print(f"Exported PSR decoder: {folder}")
+        return {"psr_decoder": str(folder)}
     if cfg.stage == "teacher":
         if not cfg.get("export_teacher", True):
             return {}

@@ -15,10 +15,9 @@ from omegaconf import OmegaConf
 
 from addsr_pl.inference.io import list_images, plan_outputs
 from addsr_pl.inference.pipeline import AddSRPipeline
+from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.inference.upscaler import Upscaler
 from addsr_pl.paths import config_dir
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +37,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-source", choices=["tagger", "text", "none"], help="where the prompt comes from")
     p.add_argument("--prompt", help="prompt text (implies --prompt-source text)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=sorted(PRECISIONS))
+    p.add_argument(
+        "--precision", choices=PRECISION_CHOICES, help="auto: bf16 on CUDA, fp32 on the CPU (student default)"
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="channels_last weights (student default)",
+    )
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, help="TF32 for fp32 work on CUDA")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode (student default: none)")
+    p.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        help="modules: each large module once | sampler: the whole sampler",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        help="the whole sampler as a CUDA graph per (steps, size, batch), captured once and replayed",
+    )
+    p.add_argument("--batch-size", type=int, help="same-size images (and latent tiles) per sampler call")
+    p.add_argument(
+        "--psr-decoder",
+        choices=["vae", "tiny"],
+        help="decoder of PSR's intermediate steps (tiny: the small one)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--outscale", type=float, help="output scale (the x4 result is resized to it)")
     p.add_argument("--color-fix", choices=["adain", "wavelet", "none"])
@@ -68,6 +92,12 @@ def settings_from(args: argparse.Namespace) -> dict:
         "format",
         "suffix",
         "prompt_source",
+        "channels_last",
+        "tf32",
+        "compile",
+        "compile_scope",
+        "cuda_graph",
+        "psr_decoder",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -79,6 +109,8 @@ def settings_from(args: argparse.Namespace) -> dict:
     if args.prompt is not None:
         s["prompt"] = args.prompt
         s["prompt_source"] = "text"
+    if args.batch_size is not None:
+        s["batch_size"] = s["tiling"]["latent_tile_batch_size"] = args.batch_size
     if args.tile_size:
         s["tiling"]["latent_tile_size"] = args.tile_size
     if args.vae_tile_size:
@@ -99,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if s["psr_weight"] is not None and not 0 <= s["psr_weight"] <= 1:
         print(f"--psr-weight {s['psr_weight']}: must lie in [0, 1]", file=sys.stderr)
         return 2
+    if s["batch_size"] < 1:
+        print(f"--batch-size {s['batch_size']}: must be at least 1", file=sys.stderr)
+        return 2
     try:
         sources = list_images(args.input, exclude=args.output)
     except FileNotFoundError as error:
@@ -114,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = plan_outputs(sources, args.input, args.output, suffix=s["suffix"], format=s["format"])
     device = resolve_device(s["device"])
     try:
-        pipeline = AddSRPipeline.from_folder(args.model, device=device, dtype=PRECISIONS[s["precision"]])
+        pipeline = AddSRPipeline.for_inference(args.model, s, device)
         pipeline.timesteps(s["steps"])  # a bad step count or timestep list fails here, before any image
     except (FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)

@@ -80,7 +80,7 @@ class Denoiser(nn.Module):
         z_t = z_t.to(self.unet.conv_in.weight.dtype)
         extra = {}
         if conditioning.image_embeds is not None:
-            extra["image_encoder_hidden_states"] = conditioning.image_embeds
+            extra["image_encoder_hidden_states"] = conditioning.image_embeds.to(z_t.dtype)
         down, mid = self.controlnet(
             z_t,
             t,
@@ -129,6 +129,8 @@ def sample_student(
     reference_latent: Tensor | None = None,
     grad_last: bool = False,
     decode_last: bool = True,
+    first_representation: Tensor | None = None,
+    psr_decoder=None,
 ) -> list[StudentStep]:
     """Run len(timesteps) student steps.
 
@@ -148,6 +150,11 @@ def sample_student(
             at inference.
         grad_last: build the autograd graph for the last step only; earlier steps never have one.
         decode_last: decode the last step's x0 to an image.
+        first_representation: the representation of `lr_up` when the caller already has it (the
+            tagger computed it with the prompt's tags in the same forward); None computes it.
+        psr_decoder: what decodes the intermediate x0s that only feed the next step's control image
+            (anything with `decode(latents) -> [0, 1] image`, e.g. a small distilled decoder); None:
+            `codec`. The last step's image always comes from `codec`.
     """
     batch = start_latent.shape[0]
     if timesteps.ndim == 1:
@@ -164,11 +171,15 @@ def sample_student(
         last = i == k - 1
         t = timesteps[:, i]
         with torch.set_grad_enabled(grad_last and last):
-            conditioning = Conditioning(text_embeds, represent(control))
+            representation = first_representation if i == 0 and first_representation is not None else None
+            conditioning = Conditioning(
+                text_embeds, represent(control) if representation is None else representation
+            )
             eps = denoiser(z_t, t, control, conditioning)
             x0_latent = predict_x0(z_t, eps, t, alphas_cumprod)
+            decoder = codec if last or psr_decoder is None else psr_decoder
             needs_image = (psr and not last) or (last and decode_last)
-            x0_image = codec.decode(x0_latent).clamp(0, 1) if needs_image else None
+            x0_image = decoder.decode(x0_latent).clamp(0, 1) if needs_image else None
         steps.append(StudentStep(t, control, z_t, eps, x0_latent, x0_image))
         if last:
             break

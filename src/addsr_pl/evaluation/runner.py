@@ -26,7 +26,7 @@ from addsr_pl.inference.io import IMAGE_EXTENSIONS, read_image, write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.upscaler import Upscaler
 from addsr_pl.paths import config_dir
-from addsr_pl.upscale import PRECISIONS, resolve_device
+from addsr_pl.upscale import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class Evaluation:
         if cfg.student:
             settings = OmegaConf.merge(OmegaConf.load(config_dir() / "upscale.yaml"), cfg.upscale)
             settings = OmegaConf.to_container(settings, resolve=True)
-            pipeline = AddSRPipeline.from_folder(
-                cfg.student, device=self.device, dtype=PRECISIONS[cfg.precision]
-            )
+            if cfg.precision is not None:
+                settings["precision"] = cfg.precision
+            pipeline = AddSRPipeline.for_inference(cfg.student, settings, self.device)
             if pipeline.scale != int(cfg.scale):
                 raise ValueError(
                     f"scale = {cfg.scale}, but the student at {cfg.student} is x{pipeline.scale}"

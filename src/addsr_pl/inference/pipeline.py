@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,10 +14,19 @@ from torch import Tensor
 
 from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.core.student_format import FORMAT, MANIFEST
+from addsr_pl.inference.speed import (
+    SamplerGraphs,
+    SpeedSettings,
+    apply_memory_format,
+    apply_tf32,
+    speed_settings,
+)
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
 from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.diffusion import require_file
 from addsr_pl.models.vae import VaeCodec
+
+log = logging.getLogger(__name__)
 
 
 def _load_class(path: str):
@@ -31,6 +41,13 @@ class AddSRPipeline:
         student_timesteps: the student's timesteps; `steps=N` runs the first N of them.
         psr, psr_weight: prediction-based self-refinement and its blend with the LR.
         scale: the output size over the input size.
+        psr_decoder: a small decoder for the intermediate x0s that only feed the next step's control
+            image (`models.psr_decoder`); None decodes them with the VAE.
+        speed_defaults: the speed settings this student was exported with (`SpeedSettings` keys).
+
+    `run` returns every step (eager; validation reads them all); calling the pipeline returns the
+    final image through the whole-sampler path that `with_speed` sets up (compiled and/or a CUDA
+    graph per input signature).
     """
 
     def __init__(
@@ -43,6 +60,8 @@ class AddSRPipeline:
         psr: bool,
         psr_weight: float,
         scale: int,
+        psr_decoder: torch.nn.Module | None = None,
+        speed_defaults: dict | None = None,
     ):
         self.denoiser = denoiser
         self.codec = codec
@@ -55,7 +74,13 @@ class AddSRPipeline:
         # Output sizes are padded to a multiple of this: the VAE factor times the UNet's downsampling.
         self.unet_downsampling = 2 ** (len(denoiser.unet.config.block_out_channels) - 1)
         self.size_multiple = codec.scale_factor * self.unet_downsampling
+        self.latent_channels = codec.vae.config.latent_channels
         self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
+        self.psr_decoder = psr_decoder
+        self.speed_defaults = speed_defaults
+        self.speed: SpeedSettings | None = None  # set by `with_speed`; None: plain eager
+        self._compiled = None
+        self._graphs: SamplerGraphs | None = None
 
     @property
     def device(self) -> torch.device:
@@ -117,16 +142,15 @@ class AddSRPipeline:
             )
         return steps
 
-    @torch.no_grad()
-    def run(
+    def _inputs(
         self,
         lr: Tensor,
-        steps: int | list[int] | None = None,
-        psr_weight: float | None = None,
-        generator: torch.Generator | None = None,
-        manual_prompt: list[str] | None = None,
-    ) -> list[StudentStep]:
-        """All student steps for a batch of LR images (x0 decoded at the last step)."""
+        steps: int | list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        manual_prompt: list[str] | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, list[Tensor]]:
+        """(padded lr_up, text embeddings, step 1's representation, timesteps, noises): everything the
+        sampler takes, the prompt's tags and the representation from one tagger forward."""
         lr = lr.to(self.device, torch.float32)
         h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
         m = self.size_multiple
@@ -137,40 +161,167 @@ class AddSRPipeline:
                 lr_up, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
             )
         timesteps = torch.tensor(self.timesteps(steps), device=self.device)
-        text_embeds = self.conditioner.text_embeds(lr_up, manual=manual_prompt)
-        start = self.codec.encode(lr_up)
-        noises = [
-            torch.randn(start.shape, generator=generator, device=self.device, dtype=start.dtype)
-            for _ in range(len(timesteps))
-        ]
-        result = sample_student(
+        conditioning = self.conditioner.condition(lr_up, manual=manual_prompt)
+        shape = (lr.shape[0], self.latent_channels, lr_up.shape[-2] // self.codec.scale_factor,
+                 lr_up.shape[-1] // self.codec.scale_factor)  # fmt: skip
+        noises = [self.noise(shape, generator) for _ in range(len(timesteps))]
+        return lr_up, conditioning.text_embeds, conditioning.image_embeds, timesteps, noises
+
+    def noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
+        """Gaussian noise of `shape`; a list of generators draws each sample from its own, so an image's
+        result does not depend on the batch it shares."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per image")
+            return torch.cat(
+                [torch.randn((1, *shape[1:]), generator=g, device=self.device) for g in generator]
+            )
+        return torch.randn(shape, generator=generator, device=self.device)
+
+    def _decoder(self, psr_decoder: str | None):
+        """The intermediate decoder of `psr_decoder`: vae | tiny | None (tiny where the student has one)."""
+        if psr_decoder not in (None, "vae", "tiny"):
+            raise ValueError(f"psr_decoder = {psr_decoder!r}: must be 'vae' or 'tiny'")
+        if psr_decoder == "tiny" and self.psr_decoder is None:
+            raise ValueError(
+                "psr_decoder = 'tiny', but this student has no small PSR decoder: distil one with "
+                "stage=psr_decoder (exported beside the student) or use psr_decoder=vae"
+            )
+        return None if psr_decoder == "vae" else self.psr_decoder
+
+    def _sample(self, inputs: list, constants: tuple) -> list[StudentStep]:
+        lr_up, text_embeds, representation, timesteps, *noises = inputs
+        psr_weight, psr_decoder = constants
+        dtype = next(self.denoiser.parameters()).dtype
+        return sample_student(
             self.denoiser,
             self.codec,
             lr_up=lr_up,
-            text_embeds=text_embeds,
+            text_embeds=text_embeds.to(dtype),
             represent=self.conditioner.represent,
             timesteps=timesteps,
-            noises=noises,
+            noises=[n.to(dtype) for n in noises],
             alphas_cumprod=self.alphas_cumprod,
-            start_latent=start,
+            start_latent=self.codec.encode(lr_up),
             psr=self.psr,
-            psr_weight=self.psr_weight if psr_weight is None else psr_weight,
+            psr_weight=psr_weight,
+            first_representation=representation,
+            psr_decoder=self._decoder(psr_decoder),
         )
+
+    def final_image(self, inputs: list, constants: tuple) -> Tensor:
+        """The whole sampler, from the prepared inputs to the last step's image: the function that
+        `torch.compile` and the CUDA graphs take. inputs: [lr_up, text_embeds, representation,
+        timesteps, *noises]; constants: (psr_weight, psr_decoder)."""
+        return self._sample(inputs, constants)[-1].x0_image
+
+    @torch.no_grad()
+    def run(
+        self,
+        lr: Tensor,
+        steps: int | list[int] | None = None,
+        psr_weight: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        manual_prompt: list[str] | None = None,
+        psr_decoder: str | None = None,
+    ) -> list[StudentStep]:
+        """All student steps for a batch of LR images (x0 decoded at the last step), eagerly."""
+        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
+        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
+            lr, steps, generator, manual_prompt
+        )
+        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
+        result = self._sample([lr_up, text_embeds, representation, timesteps, *noises], constants)
         for step in result:
             step.control_image = step.control_image[..., :h, :w]
             if step.x0_image is not None:
                 step.x0_image = step.x0_image[..., :h, :w]
         return result
 
-    def __call__(self, lr: Tensor, **kwargs) -> Tensor:
-        """SR images [B, 3, scale*h, scale*w] in [0, 1]."""
-        return self.run(lr, **kwargs)[-1].x0_image
+    @torch.no_grad()
+    def __call__(
+        self,
+        lr: Tensor,
+        steps: int | list[int] | None = None,
+        psr_weight: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        manual_prompt: list[str] | None = None,
+        psr_decoder: str | None = None,
+    ) -> Tensor:
+        """SR images [B, 3, scale*h, scale*w] in [0, 1], through the compiled / graphed sampler where
+        `with_speed` set one up and the run is untiled (tiled runs stay eager)."""
+        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
+        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
+            lr, steps, generator, manual_prompt
+        )
+        inputs = [lr_up, text_embeds, representation, timesteps, *noises]
+        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
+        tiled = self.plan is not None and (self.plan.vae_tile_size or self.plan.latent_tile_size)
+        if self._graphs is not None and not tiled:
+            try:
+                return self._graphs(inputs, constants)[..., :h, :w]
+            except RuntimeError as error:  # a module that cannot be captured: say so, run eagerly
+                log.warning(
+                    "CUDA graph capture failed (%s); running eagerly. --no-cuda-graph skips it.", error
+                )
+                self._graphs = None
+        if self.speed is not None and self.speed.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # torch's own CUDA graphs: a new step begins
+        if self._compiled is not None and not tiled:
+            image = self._compiled(inputs, constants).clone()
+        else:
+            image = self.final_image(inputs, constants).clone()
+        return image[..., :h, :w]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AddSRPipeline:
-        for module in (self.denoiser, self.codec, self.conditioner):
+        modules = [self.denoiser, self.codec, self.conditioner]
+        for module in modules + ([self.psr_decoder] if self.psr_decoder is not None else []):
             module.to(device=device, dtype=dtype)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
+
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        """What `compile_scope: modules` compiles: each runs once or more per step with fixed shapes."""
+        modules = [self.denoiser, self.codec.vae.encoder, self.codec.vae.decoder]
+        tagger = self.conditioner.tagger
+        if tagger is not None and hasattr(tagger, "ram"):
+            modules.append(tagger.ram.visual_encoder)
+        if self.psr_decoder is not None:
+            modules.append(self.psr_decoder.autoencoder.decoder)
+        return modules
+
+    def with_speed(self, speed: SpeedSettings, device: torch.device | str) -> AddSRPipeline:
+        """This pipeline on `device` with `speed`: precision, channels_last, TF32, and the whole-sampler
+        `torch.compile` and/or CUDA graphs used by `__call__`. Changes the pipeline in place."""
+        device = torch.device(device)
+        self.to(device, speed.dtype(device))
+        convolutional = [self.denoiser.unet, self.denoiser.controlnet, self.codec.vae]
+        apply_memory_format(convolutional + ([self.psr_decoder] if self.psr_decoder is not None else []),
+                            speed.channels_last)  # fmt: skip
+        apply_tf32(device, speed.tf32)
+        self.speed = speed
+        function = self.final_image
+        self._compiled = None
+        if speed.compile != "none" and speed.compile_scope == "sampler":
+            function = self._compiled = torch.compile(self.final_image, mode=speed.compile, dynamic=False)
+        elif speed.compile != "none":
+            for module in self.compiled_modules():
+                module.compile(mode=speed.compile, dynamic=False)
+        self._graphs = (
+            SamplerGraphs(function, speed.cuda_graph_warmup, speed.cuda_graph_cache)
+            if speed.graphs_on(device)
+            else None
+        )
+        return self
+
+    @classmethod
+    def for_inference(cls, folder: str | Path, settings: dict, device: torch.device | str) -> AddSRPipeline:
+        """An exported student with the speed settings of `settings` (`conf/upscale.yaml` plus flags; a
+        null key takes the student's default) on `device`."""
+        pipeline = cls.from_folder(folder)
+        return pipeline.with_speed(speed_settings(settings, pipeline.speed_defaults), device)
 
     @classmethod
     def from_folder(
@@ -195,6 +346,11 @@ class AddSRPipeline:
             )
             parts[name] = _load_class(spec["class"]).from_pretrained(root, **kwargs)
         sampler = manifest["sampler"]
+        psr_decoder = None
+        if "psr_decoder" in parts:
+            from addsr_pl.models.psr_decoder import PsrDecoder
+
+            psr_decoder = PsrDecoder(parts["psr_decoder"]).eval()
         pipeline = cls(
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
             VaeCodec(parts["vae"]).eval(),
@@ -206,5 +362,7 @@ class AddSRPipeline:
             sampler["psr"],
             sampler["psr_weight"],
             manifest["scale"],
+            psr_decoder=psr_decoder,
+            speed_defaults=manifest.get("speed"),
         )
         return pipeline.to(device, dtype)

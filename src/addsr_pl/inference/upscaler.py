@@ -44,7 +44,12 @@ class Upscaler:
     Args:
         pipeline: the student (e.g. `AddSRPipeline.from_folder(<run dir>/student)`).
         settings: `conf/upscale.yaml` as a dict, command-line values merged in; `steps` is a step count
-            or a list of timesteps; `prompt` the text of `prompt_source: text`.
+            or a list of timesteps; `prompt` the text of `prompt_source: text`; `batch_size` images of
+            the same size share one sampler call (and latent tiles go `tiling.latent_tile_batch_size`
+            at a time).
+
+    Every image draws its noise from its own generator seeded with `seed`, so its output does not
+    depend on the batch it shares.
     """
 
     def __init__(self, pipeline: AddSRPipeline, settings: dict):
@@ -80,10 +85,17 @@ class Upscaler:
         height, width = lr.shape[-2] * self.pipeline.scale, lr.shape[-1] * self.pipeline.scale
         pad = self.pipeline.size_multiple
         pipeline = self.pipeline.with_tiling(height + (-height) % pad, width + (-width) % pad, s["tiling"])
-        generator = torch.Generator(device=pipeline.device).manual_seed(int(s["seed"]))
+        generators = [
+            torch.Generator(device=pipeline.device).manual_seed(int(s["seed"])) for _ in range(lr.shape[0])
+        ]
         manual = [s.get("prompt") or ""] * lr.shape[0] if s["prompt_source"] == "text" else None
         sr = pipeline(
-            lr, steps=s["steps"], psr_weight=s["psr_weight"], generator=generator, manual_prompt=manual
+            lr,
+            steps=s["steps"],
+            psr_weight=s["psr_weight"],
+            generator=generators,
+            manual_prompt=manual,
+            psr_decoder=s.get("psr_decoder"),
         )
         reference = upscale(lr.to(sr.device, sr.dtype), (height, width))
         sr = color_fix(s["color_fix"], sr, reference, wavelet_levels=s["wavelet_levels"]).clamp(0, 1)
@@ -94,42 +106,86 @@ class Upscaler:
             log.info("%s: %s", path, pipeline.plan.describe())
         return sr
 
+    def upscale_images(self, images: list[LoadedImage]) -> list[tuple[Tensor, Tensor | None]]:
+        """Same-size images in one sampler call: for each, the output RGB [3, H, W] and its alpha (or None)."""
+        for image in images:
+            self.check_size(image.path, *image.size)
+        if len({tuple(image.rgb.shape) for image in images}) != 1:
+            raise ValueError("upscale_images takes images of one size; group them first")
+        path = images[0].path if len(images) == 1 else None
+        sr = self.upscale_tensor(torch.stack([image.rgb for image in images]), path).float().cpu()
+        return [
+            (out, upscale_alpha(image.alpha, tuple(out.shape[-2:])) if image.alpha is not None else None)
+            for out, image in zip(sr, images)
+        ]
+
     def upscale_image(self, image: LoadedImage) -> tuple[Tensor, Tensor | None]:
         """The output RGB [3, H, W] and the alpha upscaled to match (or None)."""
-        self.check_size(image.path, *image.size)
-        sr = self.upscale_tensor(image.rgb[None], image.path)[0].float().cpu()
-        alpha = upscale_alpha(image.alpha, tuple(sr.shape[-2:])) if image.alpha is not None else None
-        return sr, alpha
+        return self.upscale_images([image])[0]
+
+    def _fail(self, report: UpscaleReport, source: Path, reason: str) -> None:
+        report.failed[source] = reason
+        log.error("skipped %s: %s", source, reason)
 
     def run(
         self, pairs: list[tuple[Path, Path]], skip_existing: bool = False, progress: bool = True
     ) -> UpscaleReport:
-        """Upscale every (input, output) pair; a file that fails is reported and the rest go on."""
+        """Upscale every (input, output) pair; a file that fails is reported and the rest go on.
+
+        Inputs are read `batch_size` at a time; those of one size go through the sampler together.
+        """
         report = UpscaleReport()
-        for source, target in tqdm(pairs, desc="upscale", unit="image", disable=not progress):
-            if skip_existing and target.exists():
-                report.skipped.append(target)
-                continue
-            start = time.perf_counter()
+        batch_size = int(self.settings["batch_size"])
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size}: must be >= 1")
+        todo = [(s, t) for s, t in pairs if not (skip_existing and t.exists())]
+        report.skipped = [t for s, t in pairs if skip_existing and t.exists()]
+        bar = tqdm(total=len(todo), desc="upscale", unit="image", disable=not progress)
+        for first in range(0, len(todo), batch_size):
+            groups: dict[tuple[int, ...], list[tuple[LoadedImage, Path]]] = {}
+            for source, target in todo[first : first + batch_size]:
+                try:
+                    image = read_image(source)
+                    self.check_size(image.path, *image.size)
+                except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
+                    self._fail(report, source, str(error))
+                    bar.update()
+                    continue
+                groups.setdefault(tuple(image.rgb.shape), []).append((image, target))
+            for group in groups.values():
+                self._run_group(group, report)
+                bar.update(len(group))
+        bar.close()
+        return report
+
+    def _run_group(self, group: list[tuple[LoadedImage, Path]], report: UpscaleReport) -> None:
+        start = time.perf_counter()
+        images = [image for image, _ in group]
+        try:
+            outputs = self.upscale_images(images)
+        except (ImageSizeError, ValueError) as error:
+            for image in images:
+                self._fail(report, image.path, str(error))
+            return
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            for image in images:
+                self._fail(
+                    report,
+                    image.path,
+                    "out of GPU memory: lower --batch-size, tiling.latent_tile_size / tiling.vae_tile_size",
+                )
+            return
+        seconds = (time.perf_counter() - start) / len(group)
+        for (image, target), (sr, alpha) in zip(group, outputs):
             try:
-                image = read_image(source)
-                sr, alpha = self.upscale_image(image)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 written = write_image(
                     target, sr, like=image, alpha=alpha, format=self.settings["format"],
                     quality=self.settings["jpeg_quality"],
                 )  # fmt: skip
-            except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
-                report.failed[source] = str(error)
-                log.error("skipped %s: %s", source, error)
-                continue
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                report.failed[source] = (
-                    "out of GPU memory: lower tiling.latent_tile_size / tiling.vae_tile_size"
-                )
-                log.error("skipped %s: %s", source, report.failed[source])
+            except (OSError, ValueError) as error:
+                self._fail(report, image.path, str(error))
                 continue
             report.written.append(written)
-            report.seconds[source] = time.perf_counter() - start
-        return report
+            report.seconds[image.path] = seconds

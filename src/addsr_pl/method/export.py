@@ -70,6 +70,8 @@ def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> 
             **inference,
         },
         "scale": scale,
+        # the speed defaults of `addsr-pl upscale` and evaluation (their null speed keys)
+        "speed": module.method.get("inference_speed"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

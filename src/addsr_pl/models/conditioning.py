@@ -231,6 +231,23 @@ class Conditioner(nn.Module):
             texts = ["" if drop else text for text, drop in zip(texts, blank.tolist())]
         return self.prompt_encoder.encode(texts)
 
+    def condition(self, images: Tensor, manual: list[str] | None = None) -> Conditioning:
+        """Text embeddings and representation of the same images from one tagger forward.
+
+        The tagger's image encoder yields both the tags (for `prompt: tags`) and the representation,
+        so an inference step 1 needs one pass where `text_embeds` then `represent` would take two.
+        """
+        tagged = self.prompt_encoder.prompt == "tags"
+        output = self.tagger(images) if tagged or self.use_representation else None
+        b = images.shape[0]
+        tags = output.tags if tagged else [""] * b
+        manual = manual or [self.manual_prompt] * b
+        text_embeds = self.prompt_encoder.encode(
+            [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
+        )
+        representation = output.representation if self.use_representation else None
+        return Conditioning(text_embeds, representation)
+
     def represent(self, images: Tensor) -> Tensor | None:
         if not self.use_representation:
             return None

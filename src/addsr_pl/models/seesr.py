@@ -10,17 +10,19 @@ folders load as they are, and the config flag `use_image_cross_attention` round-
 `config.json`.
 
 The stock block forwards stay untouched: each image attention runs as a forward hook of its text
-attention, and the representation reaches it through a context variable that the model's forward
-sets for the duration of one call (one value per thread / asyncio task).
+attention. The representation reaches the hooks through a `RepresentationSlot`, a thread-local
+attribute holder owned by the model, which the model's forward fills for the duration of one call
+and empties afterwards. An attribute, unlike a context variable, is something `torch.compile`
+traces: a denoiser step compiles to one graph without breaks.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 
@@ -39,10 +41,23 @@ IMAGE_ATTENTIONS = "image_attentions"
 # key here so that tiny test models can be narrower, and this is its default.
 SEESR_IMAGE_CROSS_ATTENTION_DIM = 512
 
-# The representation of the forward call in progress; read by the image-attention hooks.
-_IMAGE_ENCODER_HIDDEN_STATES: ContextVar[Tensor | None] = ContextVar(
-    "image_encoder_hidden_states", default=None
-)
+
+class RepresentationSlot(threading.local):
+    """The representation of the forward call in progress, read by a model's image-attention hooks.
+
+    Thread-local, so threads sharing one model each see their own call's representation; copies
+    (EMA, export) get an empty slot of their own.
+    """
+
+    def __init__(self) -> None:
+        self.states: Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> RepresentationSlot:
+        return RepresentationSlot()
+
+    def __reduce__(self):
+        return RepresentationSlot, ()
+
 
 # The block types SeeSR gives an `image_attentions` list (diffusers' cross-attention UNet blocks).
 _IMAGE_ATTENTION_BLOCKS = (CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D)
@@ -55,9 +70,11 @@ def _image_attention_like(text_attention: Transformer2DModel, image_cross_attent
     return Transformer2DModel(**arguments)
 
 
-def _run_image_attention(image_attention: nn.Module, text_attention, args, kwargs, output):
+def _run_image_attention(
+    slot: RepresentationSlot, image_attention: nn.Module, text_attention, args, kwargs, output
+):
     """Forward hook of a text attention: feed its output through the parallel image attention."""
-    states = _IMAGE_ENCODER_HIDDEN_STATES.get()
+    states = slot.states
     if states is None:
         raise RuntimeError(
             "An image attention ran outside a forward call of SeeSRUNet2DConditionModel / SeeSRControlNetModel; "
@@ -97,6 +114,8 @@ class _ImageCrossAttention:
             return super().forward(*args, **kwargs)
 
     def _add_image_attentions(self, image_cross_attention_dim: int) -> None:
+        # Not an nn.Module attribute: no parameters, nothing in the state dict.
+        self._representation_slot = RepresentationSlot()
         blocks = [*self.down_blocks, self.mid_block, *getattr(self, "up_blocks", ())]
         for block in blocks:
             if not isinstance(block, _IMAGE_ATTENTION_BLOCKS):
@@ -106,7 +125,8 @@ class _ImageCrossAttention:
             )
             for attention, image_attention in zip(block.attentions, block.image_attentions):
                 attention.register_forward_hook(
-                    partial(_run_image_attention, image_attention), with_kwargs=True
+                    partial(_run_image_attention, self._representation_slot, image_attention),
+                    with_kwargs=True,
                 )
 
     @contextmanager
@@ -122,11 +142,15 @@ class _ImageCrossAttention:
                 f"This {name} has no image cross-attention (use_image_cross_attention=False) but got "
                 "image_encoder_hidden_states; build it with use_image_cross_attention=True or pass None."
             )
-        token = _IMAGE_ENCODER_HIDDEN_STATES.set(image_encoder_hidden_states)
+        if image_encoder_hidden_states is None:
+            yield
+            return
+        slot = self._representation_slot
+        slot.states = image_encoder_hidden_states
         try:
             yield
         finally:
-            _IMAGE_ENCODER_HIDDEN_STATES.reset(token)
+            slot.states = None
 
 
 def _with_seesr_arguments(parent_init):
