@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -120,6 +121,7 @@ def validate_weights(*sections: tuple[dict, str]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the parts of a training config that would otherwise fail minutes (or hours) in."""
+    validate_types(cfg)
     if cfg.stage == "teacher":
         from addsr_pl.method.teacher import validate_teacher  # the teacher stage's own method keys
 
@@ -145,3 +147,359 @@ def validate(cfg: DictConfig) -> None:
     validate_weights(
         (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
     )
+
+
+# ---------------------------------------------------------------------------------------- typed schema
+# Every key of the checked groups has a type here; adding a key is one line in SCHEMA below. A value of
+# the wrong type, outside its range or not among its choices fails at start-up naming key, value and
+# what is allowed; a key the schema does not know fails with the closest known key.
+
+
+class Spec:
+    """A value's type: `check` returns None when `value` fits, else what is allowed."""
+
+    def check(self, value, key: str) -> str | None:
+        raise NotImplementedError
+
+
+class Any_(Spec):
+    """Anything (constructor arguments handed to a library as they are)."""
+
+    def check(self, value, key):
+        return None
+
+
+ANY = Any_()
+
+
+class Bool(Spec):
+    def check(self, value, key):
+        if isinstance(value, bool):
+            return None
+        close = difflib.get_close_matches(str(value).lower(), ["true", "false"], n=1)
+        return "must be true or false" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+class Str(Spec):
+    def check(self, value, key):
+        return None if isinstance(value, str) else "must be a string"
+
+
+class Number(Spec):
+    """An int (`integer=True`) or a float, optionally within [low, high] (`open_low`: low excluded)."""
+
+    def __init__(self, low=None, high=None, integer: bool = False, open_low: bool = False):
+        self.low, self.high, self.integer, self.open_low = low, high, integer, open_low
+
+    def check(self, value, key):
+        kinds = (int,) if self.integer else (int, float)
+        kind = "an integer" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"must be {kind}" + self._range()
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        if too_low or (self.high is not None and value > self.high):
+            return (
+                "must" + (" lie" if self.low is not None and self.high is not None else " be") + self._range()
+            )
+        return None
+
+    def _range(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        if self.high is None:
+            return f" {'>' if self.open_low else '>='} {self.low}"
+        if self.low is None:
+            return f" <= {self.high}"
+        return f" in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+def Int(low=None, high=None) -> Number:  # noqa: N802 (reads as a type in SCHEMA)
+    return Number(low, high, integer=True)
+
+
+def Float(low=None, high=None, open_low: bool = False) -> Number:  # noqa: N802
+    return Number(low, high, open_low=open_low)
+
+
+class Choice(Spec):
+    def __init__(self, *allowed):
+        self.allowed = allowed
+
+    def check(self, value, key):
+        if value in self.allowed and not isinstance(value, bool):
+            return None
+        close = difflib.get_close_matches(str(value), [str(a) for a in self.allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"must be one of {list(self.allowed)}{hint}"
+
+
+class Optional(Spec):
+    """null or `inner`."""
+
+    def __init__(self, inner: Spec):
+        self.inner = inner
+
+    def check(self, value, key):
+        if value is None:
+            return None
+        problem = self.inner.check(value, key)
+        return None if problem is None else f"{problem}, or null"
+
+
+class ListOf(Spec):
+    def __init__(self, item: Spec, length: int | None = None):
+        self.item, self.length = item, length
+
+    def check(self, value, key):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list"
+        if self.length is not None and len(value) != self.length:
+            return f"must be a list of {self.length} entries"
+        for i, entry in enumerate(value):
+            problem = self.item.check(entry, f"{key}[{i}]")
+            if problem is not None:
+                return f"entry {i} ({entry!r}) {problem}"
+        return None
+
+
+class OneOf(Spec):
+    """The first of `options` that fits."""
+
+    def __init__(self, *options: Spec):
+        self.options = options
+
+    def check(self, value, key):
+        problems = [option.check(value, key) for option in self.options]
+        return None if any(p is None for p in problems) else " or ".join(dict.fromkeys(problems))
+
+
+class Group(Spec):
+    """A mapping with known keys. `closed`: an unknown key is an error (with the closest known key);
+    open groups (a `_target_`'s arguments, which a user's own class may extend) check only the keys they
+    know. Values that are still MISSING (`???`) are left to the code that needs them."""
+
+    def __init__(self, fields: dict[str, Spec], closed: bool = True):
+        self.fields, self.closed = fields, closed
+
+    def check(self, value, key):
+        if not isinstance(value, dict):
+            return "must be a mapping"
+        problems = []
+        for name, entry in value.items():
+            full = f"{key}.{name}"
+            spec = self.fields.get(name)
+            if spec is None:
+                if self.closed:
+                    close = difflib.get_close_matches(str(name), list(self.fields), n=1)
+                    hint = f"; did you mean {key}.{close[0]}?" if close else ""
+                    known = ", ".join(self.fields)
+                    problems.append(f"{full}: unknown key{hint} (known: {known})")
+                continue
+            if entry == "???":
+                continue
+            problem = spec.check(entry, full)
+            if problem is not None:
+                problems.append(problem if isinstance(spec, Group) else f"{full} = {entry!r}: {problem}")
+        return "\n".join(problems) or None
+
+
+def Target(**fields: Spec) -> Group:  # noqa: N802
+    """A node built by `hydra.utils.instantiate`: `_target_` plus (open) constructor arguments."""
+    return Group({"_target_": Str(), **fields}, closed=False)
+
+
+PROBABILITY = Float(0, 1)
+TIMESTEP = Int(0, 999)
+PATH = Optional(Str())
+POSITIVE = Int(1)
+NONNEGATIVE = Int(0)
+OPTIMIZER = Target(lr=Float(0, open_low=True), weight_decay=Float(0), eps=Float(0, open_low=True),
+                   betas=ListOf(Float(0, 1), length=2))  # fmt: skip
+LR_SCHEDULER = Target()
+DATASET = Optional(Target(names=ListOf(Str()), crop_size=POSITIVE, flip=Bool(), repeats=POSITIVE, seed=Int(),
+                          scale=POSITIVE, root=Str(), recursive=Bool(), file_list=PATH, first_n=Optional(POSITIVE),
+                          lr_subdir=Str(), hr_subdir=Str(), parts=ANY))  # fmt: skip
+TAGGER = Optional(Target(dtype=Choice("float32", "bfloat16", "float16"), threshold=Float(0, 1), top_k=POSITIVE,
+                         antialias=Bool(), interpolation=Choice("bicubic", "bilinear", "nearest", "area"),
+                         image_mean=ListOf(Float(), length=3), image_std=ListOf(Float(0, open_low=True), length=3),
+                         tag_separator=Str(), representation_dim=POSITIVE, architecture=ANY))  # fmt: skip
+TILING = Group({
+    "vae_tile_size": POSITIVE,
+    "vae_overlap": NONNEGATIVE,
+    "vae_padding": NONNEGATIVE,
+    "vae_statistics": Choice("estimate", "exact"),
+    "vae_stats_size": Optional(POSITIVE),
+    "latent_tile_size": POSITIVE,
+    "latent_overlap": NONNEGATIVE,
+    "latent_tile_batch_size": POSITIVE,
+    "latent_weight_sigma": Float(0, open_low=True),
+})  # fmt: skip
+
+SCHEMA: dict[str, Group] = {
+    # stage=addsr's method (conf/method/addsr.yaml)
+    "method": Group(
+        {
+            "student_timesteps": ListOf(Int()),  # order and range: validate_method
+            "unroll_probs": ListOf(Float(0)),
+            "unroll_start": Choice("random", "first"),
+            "student_start": Choice("hr", "lr"),
+            "unroll_renoise": Choice("hr", "prediction"),
+            "shared_noise": Bool(),
+            "psr": Bool(),
+            "psr_weight": PROBABILITY,
+            "inference_psr_weight": PROBABILITY,
+            "teacher_condition": Choice("hr", "lr"),
+            "teacher_control_image": Choice(None, "hr", "lr"),
+            "teacher_prompt_source": Choice(None, "hr", "lr"),
+            "teacher_timesteps_per_sample": POSITIVE,
+            "teacher_timestep_range": ListOf(Int(0, 1000), length=2),
+            "conditioning_scale": Float(0),
+            "null_text_ratio": PROBABILITY,
+            "distill_space": Choice("pixel", "latent"),
+            "ta_schedule": OneOf(Choice(*TA_SCHEDULES), ListOf(Float(0))),
+            "ta": Group(
+                {
+                    "exponential": Group({"base": Float(), "ratio": Float()}),
+                    "linear": Group({"slope": Float(), "intercept": Float()}),
+                }
+            ),  # fmt: skip
+            "ta_indexing": Choice(*TA_INDEXING),
+            "lambda_adv": Float(0),
+            "trainable": Choice(*TRAINABLE_SETS),
+            "lora": Group(
+                {"rank": POSITIVE, "alpha": Float(0, open_low=True), "target_modules": ListOf(Str())}
+            ),
+            "ema_decay": Float(0, 1),
+            "accumulate_grad_batches": POSITIVE,
+            "grad_clip_g": Optional(Float(0, open_low=True)),
+            "grad_clip_d": Optional(Float(0, open_low=True)),
+            "optimizer_g": OPTIMIZER,
+            "optimizer_d": OPTIMIZER,
+            "lr_scheduler": LR_SCHEDULER,
+            "val_steps": ListOf(POSITIVE),
+        }
+    ),  # fmt: skip
+    # stage=teacher's method (conf/method/teacher.yaml)
+    "method@teacher": Group(
+        {
+            "unet_trainable_modules": ListOf(Str()),
+            "timestep_range": ListOf(Int(0, 1000), length=2),
+            "null_text_ratio": PROBABILITY,
+            "conditioning_scale": Float(0),
+            "accumulate_grad_batches": POSITIVE,
+            "grad_clip": Optional(Float(0, open_low=True)),
+            "ema_decay": Optional(Float(0, 1)),
+            "optimizer": OPTIMIZER,
+            "lr_scheduler": LR_SCHEDULER,
+            "val_timesteps": ListOf(TIMESTEP),
+        }
+    ),  # fmt: skip
+    "data": Target(
+        scale=POSITIVE,
+        crop_size=POSITIVE,
+        batch_size=POSITIVE,
+        val_batch_size=POSITIVE,
+        num_workers=NONNEGATIVE,
+        pin_memory=Bool(),
+        persistent_workers=Bool(),
+        seed=Int(),
+        max_bad_fraction=PROBABILITY,
+        train=DATASET,
+        val=DATASET,
+        test=DATASET,
+        # the degradation's own numbers are checked by its module
+        degradation=ANY,
+    ),  # fmt: skip
+    "model": Group(
+        {
+            "components": Target(
+                pretrained_path=Str(),
+                seesr_path=Str(),
+                hybrid=Bool(),
+                unet_path=PATH,
+                controlnet_path=PATH,
+                vae_path=PATH,
+                init_seed=Int(),
+                cache_dir=Str(),
+                tokenizer_max_length=POSITIVE,
+                zero_conv_std=Float(0),
+                image_cross_attention_dim=Optional(POSITIVE),
+                # diffusers / transformers constructor arguments, as those libraries take them
+                unet=ANY,
+                controlnet=ANY,
+                vae=ANY,
+                text_encoder=ANY,
+                scheduler=ANY,
+            ),
+            "discriminator": Target(
+                backbone=ANY,
+                backbone_weights=PATH,
+                hook_blocks=ListOf(NONNEGATIVE),
+                conditioner=ANY,
+                conditioner_weights=PATH,
+                conditioner_image_size=POSITIVE,
+                image_size=POSITIVE,
+                crop_prob=PROBABILITY,
+                translation=Float(0, 1),
+                cutout=Float(0, 1),
+                cmap_dim=POSITIVE,
+                head_groups=POSITIVE,
+                head_kernel_size=POSITIVE,
+                leaky_slope=Float(0),
+            ),
+        }
+    ),  # fmt: skip
+    "conditioning": Group(
+        {
+            "prompt": Choice(*PROMPT_SOURCES),
+            "positive_prompt": Str(),
+            "negative_prompt": Str(),
+            "manual_prompt": Str(),
+            "tagger": TAGGER,
+        }
+    ),  # fmt: skip
+    # conf/upscale.yaml with the command line's flags merged in
+    "upscale": Group(
+        {
+            "prompt_source": Choice("tagger", "text", "none"),
+            "prompt": Optional(Str()),
+            "steps": OneOf(POSITIVE, ListOf(TIMESTEP)),
+            "psr_weight": Optional(PROBABILITY),
+            "seed": Int(),
+            "precision": Choice("fp32", "bf16", "fp16"),
+            "device": Str(),
+            "color_fix": Choice("adain", "wavelet", "none"),
+            "wavelet_levels": POSITIVE,
+            "outscale": Optional(Float(0, open_low=True)),
+            "suffix": Str(),
+            "format": Choice(None, "png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"),
+            "jpeg_quality": Int(1, 100),
+            "limits": Group({"min_input_side": POSITIVE, "max_output_pixels": POSITIVE}),
+            "tiling": TILING,
+        }
+    ),  # fmt: skip
+}
+
+
+def check_schema(values: dict, group: str, prefix: str | None = None) -> None:
+    """Check `values` (a plain dict) against `SCHEMA[group]`; raise ConfigError listing every problem."""
+    problems = SCHEMA[group].check(values, prefix or group.split("@")[0])
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_types(cfg: DictConfig) -> None:
+    """Every boolean, enum and number of the method, data, model and conditioning groups by type."""
+    method = "method@teacher" if cfg.get("stage") == "teacher" else "method"
+    problems = []
+    for group, key in (
+        (method, "method"),
+        ("data", "data"),
+        ("model", "model"),
+        ("conditioning", "conditioning"),
+    ):
+        if key in cfg:
+            found = SCHEMA[group].check(OmegaConf.to_container(cfg[key], resolve=True), key)
+            problems += [found] if found else []
+    if problems:
+        raise ConfigError("\n".join(problems))

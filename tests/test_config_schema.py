@@ -1,0 +1,68 @@
+"""The typed schema of the method, data, model, conditioning and upscale settings: every shipped config
+passes it, and a wrong type, a value outside its range or choices, or an unknown key fails at start-up
+naming key, value and what is allowed."""
+
+import glob
+from pathlib import Path
+
+import pytest
+
+from addsr_pl.config import ConfigError, check_schema, validate
+from addsr_pl.paths import config_dir
+from addsr_pl.upscale import defaults
+
+EXPERIMENTS = sorted(Path(p).stem for p in glob.glob(str(config_dir() / "experiment" / "*.yaml")))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["stage=teacher"], ["model=tiny_seesr", "conditioning=tiny_ram"], ["hparams_search=ablation"]]
+    + [[f"experiment={name}"] for name in EXPERIMENTS],
+)
+def test_every_shipped_setting_passes(make_cfg, overrides):
+    validate(make_cfg(overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.psr=maybe", "method.psr = 'maybe': must be true or false"),
+        ("method.psr=flase", r"method.psr = 'flase': must be true or false \(did you mean false\?\)"),
+        ("method.shared_noise=1", "method.shared_noise = 1: must be true or false"),
+        ("+method.psr_wieght=0.5", r"method.psr_wieght: unknown key; did you mean method.psr_weight\?"),
+        ("method.lambda_adv=high", "method.lambda_adv = 'high': must be a number >= 0"),
+        ("method.ema_decay=1.5", r"method.ema_decay = 1.5: must lie in \[0, 1\]"),
+        ("data.batch_size=0", "data.batch_size = 0: must be >= 1"),
+        ("data.pin_memory=sometimes", "data.pin_memory = 'sometimes': must be true or false"),
+        ("data.train.flip=yes", "data.train.flip = 'yes': must be true or false"),
+        (
+            "conditioning.prompt=tag",
+            r"conditioning.prompt = 'tag': must be one of .* \(did you mean 'tags'\?\)",
+        ),
+        ("model.components.init_seed=0.5", "model.components.init_seed = 0.5: must be an integer"),
+        ("model.discriminator.crop_prob=2", r"model.discriminator.crop_prob = 2: must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_types_and_unknown_keys_are_named(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg([override]))
+
+
+def test_every_problem_is_listed_at_once(make_cfg):
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg(["method.psr=maybe", "data.batch_size=0"]))
+    assert "method.psr" in str(error.value) and "data.batch_size" in str(error.value)
+
+
+def test_teacher_stage_checks_its_own_method_keys(make_cfg):
+    with pytest.raises(ConfigError, match="method.grad_clip = 'big'"):
+        validate(make_cfg(["stage=teacher", "method.grad_clip=big"]))
+
+
+def test_upscale_defaults_pass_and_bad_values_are_named():
+    settings = defaults()
+    check_schema(settings, "upscale")
+    settings["tiling"]["vae_statistics"] = "global"
+    with pytest.raises(ConfigError, match=r"upscale.tiling.vae_statistics = 'global': must be one of"):
+        check_schema(settings, "upscale")
+
