@@ -1,8 +1,12 @@
 """Each memory/speed lever of `method.memory` leaves the maths unchanged (tiny models, CPU)."""
 
+import logging
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.loggers import CSVLogger
 
 from addsr_pl.core.sampler import upscale
 from addsr_pl.method.ema import EMA
@@ -13,7 +17,7 @@ from addsr_pl.method.memory import (
     optimizer_options,
     shared_parameters,
 )
-from addsr_pl.method.memory_plan import GIB, module_memory_plan
+from addsr_pl.method.memory_plan import GIB, module_memory_plan, report_memory_plan
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.models.conditioning import PromptEncoder
 
@@ -323,3 +327,15 @@ def test_the_discriminator_input_waits_for_no_host_sync(make_cfg):
 def test_bad_memory_values_are_named(make_cfg, override, message):
     with pytest.raises(ValueError, match=message):
         build(make_cfg, [override])
+
+
+def test_the_plan_is_printed_and_logged_with_the_hyperparameters_at_start_up(make_cfg, tmp_path, caplog):
+    module = build(make_cfg)
+    logger = CSVLogger(tmp_path)
+    module.trainer = pl.Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="addsr_pl.method.memory_plan"):
+        plan = report_memory_plan(module)
+    assert "Static memory plan" in caplog.text and "share_frozen_weights=True" in caplog.text
+    logged = logger.experiment.hparams["memory_plan"]
+    assert logged["device_gib"] == pytest.approx(plan.device_gib)
+    assert [c["name"] for c in logged["components"]] == [c.name for c in plan.components]
