@@ -99,7 +99,7 @@ def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, ca
 def test_ddp_zero_shards_the_optimizer_state_and_saves_it_whole(tmp_path, cache_dir):
     run = tmp_path / "run"
     proc = start(
-        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=2", "trainer.limit_val_batches=0"]
+        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=1", "trainer.limit_val_batches=0"]
     )
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
