@@ -99,12 +99,12 @@ def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, ca
 def test_ddp_zero_shards_the_optimizer_state_and_saves_it_whole(tmp_path, cache_dir):
     run = tmp_path / "run"
     proc = start(
-        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=2", "trainer.limit_val_batches=0"]
+        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=1", "trainer.limit_val_batches=0"]
     )
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert int(ckpt["state_dict"]["iteration"]) == 2
+    assert int(ckpt["state_dict"]["iteration"]) == 1
     # consolidated on rank 0: one AdamW state per trainable parameter, as without sharding
     trainable_g = sum(1 for k in ckpt["state_dict"] if k.startswith("student."))
     state_g = ckpt["optimizer_states"][0]["state"]

@@ -97,7 +97,7 @@ def test_a_nan_loss_skips_both_steps_of_its_iteration_and_the_run_goes_on(make_c
     around = {2: StateAround(2), 3: StateAround(3)}
     build = train_module.build_callbacks
     monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*build(cfg), *around.values()])
-    cfg = make_cfg([*FAST, "trainer.max_steps=4", "fault.nan_loss_at_iteration=2"])
+    cfg = make_cfg([*FAST, "trainer.max_steps=3", "fault.nan_loss_at_iteration=2"])
     result = train(cfg)
 
     skipped, moved = around[2], around[3]
@@ -110,7 +110,7 @@ def test_a_nan_loss_skips_both_steps_of_its_iteration_and_the_run_goes_on(make_c
         assert torch.equal(skipped.before[key], skipped.after[key]), key
     assert any(not torch.equal(moved.before[k], moved.after[k]) for k in moved.before if k.startswith("ema."))
     assert result["metrics"]["train/nonfinite_skipped"] == 1.0
-    assert int(result["module"].iteration) == 4
+    assert int(result["module"].iteration) == 3
     student = student_weights(Path(result["student"]))
     assert student and all(torch.isfinite(v).all() for v in student.values())
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
@@ -120,7 +120,7 @@ def test_a_nan_loss_skips_both_steps_of_its_iteration_and_the_run_goes_on(make_c
     rows = metrics_rows(Path(cfg.paths.output_dir))
     per_step = [k for k in rows[0] if k.startswith("train/loss_dis_step")]
     logged = [(r["step"], k) for r in rows for k in per_step if r[k]]
-    assert 0 < len(logged) < 4 * len(per_step)  # never all steps at every iteration
+    assert 0 < len(logged) < 3 * len(per_step)  # never all steps at every iteration
     assert len(set(logged)) == len(logged)  # no step's value written twice at one iteration
     # (before, a step's last value was repeated at every later iteration)
     for k in per_step:

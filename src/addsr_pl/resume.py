@@ -115,12 +115,17 @@ def check_resume(ckpt_path: str, current: dict, allowed) -> dict[str, tuple]:
         old, new = flatten(saved), flatten(current)
         lines = "\n  ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in refused)
         fixed = [k for k in refused if is_allowed(k, RESTORED_STATE)]
+        allowable = [k for k in refused if k not in fixed]
         raise ResumeError(
             f"Resuming {ckpt_path} with a different config:\n  {lines}\n"
-            "Resume with the checkpoint's values, or allow a change explicitly, e.g. "
-            f"resume.allow_changes=[{refused[0]}]"
-            + (f" ({', '.join(fixed)} come back from the checkpoint and cannot change)" if fixed else "")
-            + ", or start a new run in a new hydra.run.dir."
+            "Resume with the checkpoint's values"
+            + (
+                f", or allow the changes explicitly: resume.allow_changes=[{','.join(allowable)}]"
+                if allowable
+                else ""
+            )
+            + (f"; {', '.join(fixed)} come back from the checkpoint and cannot change" if fixed else "")
+            + "; or start a new run in a new hydra.run.dir."
         )
     old, new = flatten(saved), flatten(current)
     if changed:

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from addsr_pl.callbacks import Preempted, Preemption
@@ -91,11 +92,17 @@ def sweep_group(cfg: DictConfig) -> str | None:
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-def wandb_run_id(output_dir: Path) -> str:
-    """This run dir's wandb run id: drawn once and kept in `<run dir>/wandb_run_id.txt`."""
+def wandb_run_id(output_dir: Path) -> str | None:
+    """This run dir's wandb run id: drawn once by global rank 0 and kept in `<run dir>/wandb_run_id.txt`.
+
+    Other ranks never log to wandb; they read the file when it exists and never write it, so ranks
+    started together (SLURM, torchrun) cannot race on it.
+    """
     path = output_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
+    if rank_zero_only.rank != 0:
+        return None
     run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 lower-case letters and digits
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")

@@ -289,7 +289,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
             per_sample = distillation_loss(student_x0, teacher_x0, teacher_t, self.alphas_cumprod)
             loss_dis = (per_sample * self.ta[ta_index]).mean()
-            loss_dis = self.nonfinite.inject(loss_dis, int(self.iteration) + 1, self.global_rank)
+            loss_dis = self.nonfinite.inject(loss_dis, self)
             loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
             loss = loss_dis + m["lambda_adv"] * loss_adv
             self.nonfinite.check_loss("loss_dis", loss_dis)

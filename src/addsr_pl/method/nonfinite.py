@@ -23,10 +23,8 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations had a non-finite loss or gradient."""
 
 
-def all_finite(tensors) -> bool:
-    """Whether every tensor (None skipped) is free of NaN and inf, with one host sync."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+def flags_true(module) -> Tensor:
+    return torch.ones((), dtype=torch.bool, device=module.device)
 
 
 def assert_finite_weights(named_tensors, what: str) -> None:
@@ -54,17 +52,17 @@ class NonFiniteGuard:
         self.inject_at_iteration = inject_at_iteration
         self.skipped = 0
         self.consecutive = 0
-        self._bad_losses: list[str] = []
+        self._losses: list[tuple[str, Tensor]] = []
 
-    def inject(self, loss: Tensor, iteration: int, rank: int) -> Tensor:
+    def inject(self, loss: Tensor, module) -> Tensor:
         """`fault.nan_loss_at_iteration`: the loss becomes NaN at that (1-based) iteration on rank 0."""
-        if self.inject_at_iteration is not None and iteration == self.inject_at_iteration and rank == 0:
-            return loss * math.nan
-        return loss
+        if self.inject_at_iteration is None or module.global_rank != 0:
+            return loss
+        return loss * math.nan if int(module.iteration) + 1 == self.inject_at_iteration else loss
 
     def check_loss(self, name: str, loss: Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_losses.append(name)
+        """Note a loss of this iteration; it is read (one host sync for all) in `finish`."""
+        self._losses.append((name, torch.isfinite(loss.detach()).all()))
 
     def check_grads(self, name: str, grads: list[Tensor | None]) -> bool:
         """Whether `grads` are finite; if not, `name` counts against this iteration in `finish`."""
@@ -79,16 +77,23 @@ class NonFiniteGuard:
         `grads` maps each phase ("g", "d") to its gradients. Every rank calls this once per
         iteration: the decision is all-reduced, so all ranks skip together.
         """
-        bad = list(self._bad_losses)
-        self._bad_losses.clear()
-        bad += [f"grad_{phase}" for phase, gs in grads.items() if not all_finite(gs)]
-        flag = torch.tensor(float(len(bad) > 0), device=module.device)
-        ranks_bad = (
-            int(module.trainer.strategy.reduce(flag, reduce_op="sum")) if module._trainer else int(flag)
-        )
+        names = [name for name, _ in self._losses]
+        names += [f"grad_{phase}" for phase in grads]
+        flags = [flag for _, flag in self._losses]
+        flags += [
+            torch.stack([torch.isfinite(g).all() for g in gs if g is not None] or [flags_true(module)]).all()
+            for gs in grads.values()
+        ]
+        self._losses.clear()
+        finite = torch.stack(flags)
+        flag = (~finite).any().float()
+        if module._trainer is not None:
+            flag = module.trainer.strategy.reduce(flag, reduce_op="sum")
+        ranks_bad = int(flag)  # the iteration's one host sync
         if ranks_bad == 0:
             self.consecutive = 0
             return True
+        bad = [name for name, ok in zip(names, finite.tolist()) if not ok]
         self.skipped += 1
         self.consecutive += 1
         log.warning(
