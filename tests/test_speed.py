@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -242,7 +244,7 @@ def test_the_exported_student_carries_the_speed_defaults(tiny_student):
 
     from addsr_pl.core.student_format import MANIFEST
 
-    manifest = json.loads((tiny_student / MANIFEST).read_text())
+    manifest = json.loads((Path(tiny_student) / MANIFEST).read_text())
     assert manifest["speed"] == exported_defaults()
     pipeline = AddSRPipeline.for_inference(tiny_student, {"precision": "fp32", "channels_last": False}, "cpu")
     assert pipeline.speed.precision == "fp32" and not pipeline.speed.channels_last
