@@ -64,7 +64,12 @@ def compose_model(name: str, cache_dir: str):
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"model={model}", f"conditioning={conditioning}", f"paths.cache_dir={cache_dir}"],
+            overrides=[
+                f"model={model}",
+                f"conditioning={conditioning}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.weights_dir={cache_dir}/no_weights",  # random weights: no folder is read
+            ],
         )
     parts = instantiate(OmegaConf.to_container(cfg.model.components, resolve=True), _convert_="all")
     cond = OmegaConf.to_container(cfg.conditioning, resolve=True)
