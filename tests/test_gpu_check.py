@@ -18,7 +18,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
     run = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
