@@ -58,12 +58,12 @@ if [[ $SMOKE -eq 1 ]]; then
     section train_step 600 "$PY" bench/train_step.py --tiny --json "$OUT/train_step.json"
   fi
 else
-  section graph_breaks 90 "$PY" bench/gpu_check.py graph-breaks --json "$OUT/graph_breaks.json"
-  section inference_sd2 200 "$PY" bench/inference.py --models sd2 --compile-mode default \
+  section graph_breaks 60 "$PY" bench/gpu_check.py graph-breaks --json "$OUT/graph_breaks.json"
+  section inference_sd2 240 "$PY" bench/inference.py --models sd2 --compile-mode default \
     --tiled-lr 2048 --tiled-steps 1 --json "$OUT/inference_sd2.json"
-  section inference_seesr 110 "$PY" bench/inference.py --models seesr \
+  section inference_seesr 120 "$PY" bench/inference.py --models seesr \
     --rows eager_fp16,eager_bf16,ours_eager,ours_graph,ours_graph_tiny_psr --json "$OUT/inference_seesr.json"
-  section degradation 40 "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/degradation.json"
+  section degradation 30 "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/degradation.json"
   if [[ -f bench/train_step.py ]]; then
     section train_step 90 "$PY" bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 \
       --json "$OUT/train_step.json"
