@@ -19,6 +19,7 @@ peak memory of a tiled upscale (LR side -> 4x, `conf/upscale.yaml`'s tiling).
 
     python bench/inference.py --json out.json                      # CUDA, both models, every row
     python bench/inference.py --tiny                               # CPU smoke run (tiny presets)
+    python bench/inference.py --flops-only --models sd2            # FLOPs on the meta device, any machine
 """
 
 from __future__ import annotations
@@ -375,6 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-mode", default="max-autotune-no-cudagraphs", help="the ours_compiled row's mode"
     )
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--flops-only", action="store_true", help="only FLOPs, counted on the meta device")
     p.add_argument(
         "--tiled-lr", type=int, default=None, help="also a tiled upscale of this LR side (e.g. 2048)"
     )
@@ -398,8 +400,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def flops_only(args) -> dict:
+    """FLOPs of 1- and 4-step calls on the meta device (shapes only: any machine, seconds per model)."""
+    results = {}
+    for name in args.models:
+        parts, cond, timesteps, psr_weight = compose_model(name, args.cache_dir)
+        speed = speed_for("ours_eager", torch.device("cpu"), "none")
+        pipeline = ours(parts, cond, timesteps, psr_weight, speed, torch.device("cpu"), tiny_psr=True).to(
+            "meta"
+        )
+        lr = torch.rand(1, 3, args.lr_size, args.lr_size, device="meta")
+        results[name] = flops(pipeline, lr)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            pipeline.run(lr, steps=1)
+        results[name]["1step_tflop"] = counter.get_total_flops() / 1e12
+        print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.flops_only:
+        results = {"lr_size": args.lr_size, "flops": flops_only(args)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return results
     device = args.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), LR {args.lr_size}² -> SR {4 * args.lr_size}², warmup {args.warmup}, "
