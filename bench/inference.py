@@ -401,10 +401,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def flops_only(args) -> dict:
-    """FLOPs of 1- and 4-step calls on the meta device (shapes only: any machine, seconds per model)."""
+    """FLOPs of 1- and 4-step calls on the meta device (shapes only: any machine, seconds per model).
+    Tags need values, so the prompt is the fixed one here: RAM's tagging head (small next to its Swin
+    encoder, which the representation still runs) is left out."""
     results = {}
     for name in args.models:
         parts, cond, timesteps, psr_weight = compose_model(name, args.cache_dir)
+        cond = {**cond, "prompt": "fixed"}
         speed = speed_for("ours_eager", torch.device("cpu"), "none")
         pipeline = ours(parts, cond, timesteps, psr_weight, speed, torch.device("cpu"), tiny_psr=True).to(
             "meta"
