@@ -38,8 +38,25 @@ format: install ## apply ruff's fixes and formatting
 demo: install ## the main job on its embedded default: tiny VAE, teacher and AddSR student on the sample photos (CPU), then outputs/demo/report.html
 	$(PY) -m addsr_pl.demo
 
+# What bench/gpu_check.sh needs beyond what the GPU machines have (torch, timm, transformers, lightning),
+# as wheels for their Python; pinned to the versions tested here.
+WHEELHOUSE ?= .wheelhouse
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 kornia==0.9.0 kornia_rs==0.2.0
+GPU_SDISTS ?= antlr4-python3-runtime==4.9.3
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
+wheelhouse: install ## download the wheels bench/gpu_check.sh installs offline on a GPU machine into .wheelhouse/
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(WHEELHOUSE) $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $(GPU_SDISTS)
+	@ls $(WHEELHOUSE)
+
+gpu-check: ## bash bench/gpu_check.sh on a CUDA machine (OUT=outputs/gpu_check); --smoke runs it on the CPU
+	PYTHON=$(PY) bash bench/gpu_check.sh
+
 clean: ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun build dist src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install test test-fast lint format demo clean
+.PHONY: help install test test-fast lint format demo clean wheelhouse gpu-check

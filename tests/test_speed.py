@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -235,3 +237,16 @@ def test_upscale_batches_same_size_images_without_changing_them(tiny_student, tm
         three = np.asarray(Image.open(tmp_path / "three" / f"{name}.png")).astype(int)
         assert np.abs(one - three).max() <= 1
     assert not (tmp_path / "three" / "d.png").exists()
+
+
+def test_the_exported_student_carries_the_speed_defaults(tiny_student):
+    import json
+
+    from addsr_pl.core.student_format import MANIFEST
+
+    manifest = json.loads((Path(tiny_student) / MANIFEST).read_text())
+    assert manifest["speed"] == exported_defaults()
+    pipeline = AddSRPipeline.for_inference(tiny_student, {"precision": "fp32", "channels_last": False}, "cpu")
+    assert pipeline.speed.precision == "fp32" and not pipeline.speed.channels_last
+    assert pipeline.speed.compile == manifest["speed"]["compile"]
+    assert next(pipeline.denoiser.parameters()).dtype == torch.float32

@@ -262,6 +262,8 @@ class AddSRPipeline:
         if self._graphs is not None and not tiled:
             try:
                 return self._graphs(inputs, constants)[..., :h, :w]
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as error:  # a module that cannot be captured: say so, run eagerly
                 log.warning(
                     "CUDA graph capture failed (%s); running eagerly. --no-cuda-graph skips it.", error

@@ -237,16 +237,18 @@ class Conditioner(nn.Module):
         The tagger's image encoder yields both the tags (for `prompt: tags`) and the representation,
         so an inference step 1 needs one pass where `text_embeds` then `represent` would take two.
         """
-        tagged = self.prompt_encoder.prompt == "tags"
-        output = self.tagger(images) if tagged or self.use_representation else None
         b = images.shape[0]
-        tags = output.tags if tagged else [""] * b
+        tags, representation = [""] * b, None
+        if self.prompt_encoder.prompt == "tags":
+            output = self.tagger(images)
+            tags, representation = output.tags, output.representation
+        elif self.use_representation:
+            representation = self.tagger.representation(images)
         manual = manual or [self.manual_prompt] * b
         text_embeds = self.prompt_encoder.encode(
             [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
         )
-        representation = output.representation if self.use_representation else None
-        return Conditioning(text_embeds, representation)
+        return Conditioning(text_embeds, representation if self.use_representation else None)
 
     def represent(self, images: Tensor) -> Tensor | None:
         if not self.use_representation:

@@ -1,0 +1,139 @@
+"""Sections of `bench/gpu_check.sh`, each writing one JSON object: graph breaks, degradation, merge.
+
+python bench/gpu_check.py graph-breaks --json OUT/graph_breaks.json
+python bench/gpu_check.py degradation --json OUT/degradation.json [--smoke]
+python bench/gpu_check.py merge OUT          # OUT/*.json -> OUT/gpu_check.json and OUT/gpu_check.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+# Sections merged into gpu_check.json, in this order (each from OUT/<key>.json; missing: null).
+SECTIONS = ("inference", "degradation", "train_step", "graph_breaks")
+
+
+def graph_breaks(cache_dir: str, presets: list[str]) -> dict:
+    """torch._dynamo.explain break counts on the tiny presets (breaks depend on code, not on sizes):
+    `tiny_seesr` gives the SeeSR denoiser step and whole sampler, `tiny` the plain SD2 sampler."""
+    import inference
+
+    from addsr_pl.models.conditioning import Conditioning
+
+    counts = {}
+    for name in presets:
+        parts, cond, timesteps, psr_weight = inference.compose_model(name, cache_dir)
+        speed = inference.speed_for("ours_eager", torch.device("cpu"), "none")
+        pipeline = inference.ours(
+            parts, cond, timesteps, psr_weight, speed, torch.device("cpu"), tiny_psr=False
+        )
+        lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        lr_up, text, representation, ts, noises = pipeline._inputs(lr, 2, None, None)
+        with torch.no_grad():
+            if name == "tiny_seesr":
+                z = torch.randn(1, 4, *(s // pipeline.codec.scale_factor for s in lr_up.shape[-2:]))
+                step = torch._dynamo.explain(pipeline.denoiser)(
+                    z, ts[:1], lr_up, Conditioning(text, representation)
+                )
+                counts["seesr_denoiser_step"] = step.graph_break_count
+            whole = torch._dynamo.explain(pipeline.final_image)(
+                [lr_up, text, representation, ts, *noises], (psr_weight, None)
+            )
+        counts[f"{'seesr' if name == 'tiny_seesr' else 'sd2'}_whole_sampler"] = whole.graph_break_count
+        torch._dynamo.reset()
+    return counts
+
+
+def degradation(smoke: bool, device: str) -> dict:
+    """Pairs per second of the batched degradation vs its per-sample path, batch 16 (4 in the smoke run)."""
+    import degradation as bench
+
+    from addsr_pl.data.datasets import SampleDataset
+
+    batch, size, iters = (4, 128, 1) if smoke else (16, 512, 5)
+    photos = SampleDataset(bench.PHOTOS, crop_size=size, repeats=-(-batch // len(bench.PHOTOS)), seed=0)
+    hr = torch.stack([photos[i]["hr"] for i in range(batch)]).to(device)
+    module = bench.load_preset("addsr", 4).to(device)
+    with torch.no_grad():
+        results = bench.time_interleaved(
+            {"batched": bench.batched, "per_sample": bench.one_by_one}, module, hr, iters
+        )
+    return {"device": device, "batch": batch, "hr_size": size, "iters": iters,
+            "pairs_per_s": results, "speedup": results["batched"]["median"] / results["per_sample"]["median"]}  # fmt: skip
+
+
+def merge(out: Path) -> dict:
+    result = {}
+    for key in SECTIONS:
+        path = out / f"{key}.json"
+        result[key] = json.loads(path.read_text()) if path.is_file() else None
+    smi = out / "nvidia-smi.txt"
+    result["nvidia_smi"] = smi.read_text() if smi.is_file() else None
+    times = out / "seconds.json"
+    result["seconds"] = json.loads(times.read_text()) if times.is_file() else None
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu_check.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = ["# GPU check", ""]
+    if result.get("nvidia_smi"):
+        lines += ["```", result["nvidia_smi"].strip(), "```", ""]
+    inference = result.get("inference") or {}
+    for run in inference.values():
+        if not isinstance(run, dict) or "models" not in run:
+            continue
+        lines += [f"## Inference on {run['device']}, LR {run['lr_size']}² -> SR {4 * run['lr_size']}²", "",
+                  "| model | row | steps | median ms | best ms | first call s | peak GiB | / eager fp16 |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model, data in run["models"].items():
+            for r in data["rows"]:
+                ratio = data["ratios"].get(f"{r['row']}_{r['steps']}step")
+                peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+                lines.append(
+                    f"| {model} | {r['row']} | {r['steps']} | {r['median_ms']:.1f} | {r['best_ms']:.1f} | "
+                    f"{r['first_call_s']:.1f} | {peak} | {'' if ratio is None else f'{ratio:.3f}'} |"
+                )
+            for key in ("breakdown", "flops", "tiled"):
+                if key in data:
+                    lines.append(f"\n{model} {key}: `{json.dumps(data[key])}`")
+        lines.append("")
+    for key in ("degradation", "train_step", "graph_breaks", "seconds"):
+        lines += [f"## {key}", "", "```json", json.dumps(result.get(key), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("section", choices=["graph-breaks", "degradation", "merge"])
+    p.add_argument("out", nargs="?", type=Path, help="merge: the output folder")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default="/tmp/addsr_pl_bench")
+    p.add_argument("--presets", default="tiny_seesr,tiny", help="graph-breaks: tiny presets to trace")
+    args = p.parse_args()
+    if args.section == "merge":
+        merge(args.out)
+        return
+    result = (
+        graph_breaks(args.cache_dir, args.presets.split(","))
+        if args.section == "graph-breaks"
+        else degradation(args.smoke, args.device)
+    )
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""`bash bench/gpu_check.sh --smoke`: the GPU check's whole script on the CPU, so it never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_every_section(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke"],
+        env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert {"inference", "degradation", "train_step", "graph_breaks"} <= set(result)
+    assert result["graph_breaks"] == {"seesr_denoiser_step": 0, "seesr_whole_sampler": 0}
+    rows = result["inference"]["seesr"]["models"]["tiny_seesr"]["rows"]
+    assert {(r["row"], r["steps"]) for r in rows} == {
+        (row, steps)
+        for row in ("eager_fp16", "eager_bf16", "ours_eager", "ours_graph_tiny_psr")
+        for steps in (1, 2)
+    }
+    assert all(r["median_ms"] > 0 for r in rows)
+    model = result["inference"]["seesr"]["models"]["tiny_seesr"]
+    assert {"denoiser_step_ms", "vae_decode_ms", "vae_encode_ms", "tagger_ms"} <= set(model["breakdown"])
+    assert model["tiled"]["sr"] == 64
+    assert result["degradation"]["pairs_per_s"]["batched"]["median"] > 0
+    if (ROOT / "bench" / "train_step.py").exists():
+        assert result["train_step"] is not None
+    assert "| tiny_seesr | ours_eager | 1 |" in (tmp_path / "out" / "gpu_check.md").read_text()
