@@ -18,7 +18,6 @@ from addsr_pl.evaluation.tables import (
     TimingRecord,
     image_records,
     plot_perception_distortion,
-    write_records_csv,
     write_tables,
     write_timing_table,
 )
@@ -137,7 +136,7 @@ class Evaluation:
             method_order=order,
             lower_is_better=self.suite.lower_is_better,
         )
-        paths["records"] = write_records_csv(self.records, self.out_dir / "records.csv")
+        paths["records"] = paths["per_image"]  # one per-image CSV (results_per_image.csv), not two copies
         axes = self.pd_axes() if self.upscaler is not None else None
         if axes is not None:
             x, y = axes
