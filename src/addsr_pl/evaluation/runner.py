@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from addsr_pl.config import check_schema
 from addsr_pl.core.sampler import upscale
 from addsr_pl.evaluation.metrics import MetricSuite
 from addsr_pl.evaluation.tables import (
@@ -61,6 +62,7 @@ class Evaluation:
         if cfg.student:
             settings = OmegaConf.merge(OmegaConf.load(config_dir() / "upscale.yaml"), cfg.upscale)
             settings = OmegaConf.to_container(settings, resolve=True)
+            check_schema(settings, "upscale")  # a bad `upscale.*` override fails before any model runs
             pipeline = AddSRPipeline.from_folder(
                 cfg.student, device=self.device, dtype=PRECISIONS[cfg.precision]
             )
