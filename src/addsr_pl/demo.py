@@ -39,7 +39,7 @@ matplotlib.use("Agg")
 def compose_config(name: str, run_dir: Path, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose(name, overrides=[f"hydra.run.dir={run_dir}", *overrides], return_hydra_config=True)
+        cfg = compose(name, overrides=[f"hydra.run.dir='{run_dir}'", *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
