@@ -65,4 +65,3 @@ def test_upscale_defaults_pass_and_bad_values_are_named():
     settings["tiling"]["vae_statistics"] = "global"
     with pytest.raises(ConfigError, match=r"upscale.tiling.vae_statistics = 'global': must be one of"):
         check_schema(settings, "upscale")
-

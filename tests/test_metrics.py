@@ -168,3 +168,35 @@ def test_lpips_is_built_from_local_files_only(tmp_path):
     sr, hr = _pair(batch=1, size=64)
     score = MetricSuite(["lpips"], scale=SCALE, weights_dir=tmp_path)(sr, hr)["lpips"]
     assert score.shape == (1,) and score.item() > 0
+
+
+def test_every_missing_file_is_listed_at_once_with_the_metrics_that_need_none(tmp_path):
+    with pytest.raises(MissingWeightsError) as error:
+        MetricSuite(["psnr", "lpips", "niqe"], SCALE, weights_dir=tmp_path)
+    text = str(error.value)
+    assert str(tmp_path / "checkpoints/alexnet-owt-7be5be79.pth") in text
+    assert str(tmp_path / "pyiqa/niqe_modelparameters.mat") in text
+    assert "2 of metrics.names" in text and "metrics.names=[psnr,ssim] needs no weight file" in text
+
+
+@pytest.mark.parametrize(
+    ("names", "asked", "expected"),
+    [
+        (["psnr", "ssim"], ("psnr", "clipiqa"), ("psnr", "ssim")),
+        (["psnr", "ssim"], ("psnr", "ssim"), ("psnr", "ssim")),
+        (["ssim", "psnr"], ("lpips", "clipiqa"), ("ssim", "psnr")),
+        (["psnr"], ("psnr", "clipiqa"), None),
+    ],
+)
+def test_the_perception_distortion_plot_uses_the_metrics_present(tmp_path, names, asked, expected):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from addsr_pl.evaluation.runner import Evaluation
+
+    run = SimpleNamespace(
+        suite=MetricSuite(names, SCALE, weights_dir=tmp_path),
+        cfg=OmegaConf.create({"pd_plot": {"x_metric": asked[0], "y_metric": asked[1]}}),
+    )
+    assert Evaluation.pd_axes(run) == expected

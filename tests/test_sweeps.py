@@ -140,9 +140,10 @@ def test_a_crashed_job_is_marked_failed_and_the_next_job_gets_its_own_run(make_c
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    # a negative learning rate passes start-up validation and fails inside Lightning's fit
-    crashing = make_cfg(["logger=wandb", *FAST, "method.optimizer_g.lr=-1.0"], sub="crashing")
-    with pytest.raises(InstantiationException, match="Invalid learning rate"):
+    # an argument the optimizer does not take passes start-up validation (a `_target_`'s arguments are
+    # open) and fails inside Lightning's fit, when the optimizer is built
+    crashing = make_cfg(["logger=wandb", *FAST, "+method.optimizer_g.momentum_decay=0.5"], sub="crashing")
+    with pytest.raises(InstantiationException, match="momentum_decay"):
         train(crashing)
     assert wandb.run is None
     healthy = make_cfg(["logger=wandb", *FAST], sub="healthy")
@@ -154,7 +155,7 @@ def test_a_crashed_job_is_marked_failed_and_the_next_job_gets_its_own_run(make_c
     assert crashed["exit_code"] == 1
     assert next_run["exit_code"] == 0
     assert crashed["id"] != next_run["id"]
-    assert crashed["config"]["method"]["optimizer_g"]["lr"] == -1.0
+    assert crashed["config"]["method"]["optimizer_g"]["momentum_decay"] == 0.5
     assert next_run["config"]["method"]["optimizer_g"]["lr"] == 2e-5
     assert "train/loss_dis" in next_run["history"] and "train/loss_dis" not in crashed["history"]
 

@@ -109,10 +109,11 @@ def test_outscale_resizes_the_x4_result(tiny_student, inputs, tmp_path):
 
 
 TILES = {
-    "latent_tile_size": 32,
-    "latent_overlap": 16,
-    "vae_tile_size": 64,
-    "vae_overlap": 16,
+    # latent cells: the tiny VAE's latent is 1/8 of the image, so a 192 px output is 24 x 24 cells
+    "latent_tile_size": 16,
+    "latent_overlap": 8,
+    "vae_tile_size": 128,
+    "vae_overlap": 32,
     "vae_padding": 32,
     "vae_statistics": "exact",
 }
@@ -121,20 +122,21 @@ TILES = {
 def test_tiled_and_untiled_outputs_agree(tiny_student):
     """An image that fits untiled, run through latent (2x2) and VAE tiling: the same output within
     tolerance. With exact GroupNorm statistics the VAE tiles are exact; the Gaussian-blended latent
-    tiles differ where a tile's self-attention sees less context (measured: mean 0.003, max 0.02)."""
+    tiles differ where a tile's self-attention sees less context (measured with the 1/8 tiny VAE's
+    16-cell tiles: mean 0.010, max 0.12)."""
     settings = settings_from(parser().parse_args(["x", "-o", "y", "--model", "m", "--steps", "2"]))
     settings["color_fix"] = "none"
     pipeline = AddSRPipeline.from_folder(tiny_student)
-    lr = torch.from_numpy(photo(24, 24)).permute(2, 0, 1)[None].float() / 255
+    lr = torch.from_numpy(photo(48, 48)).permute(2, 0, 1)[None].float() / 255
     untiled = Upscaler(pipeline, settings).upscale_tensor(lr)
     settings["tiling"] |= TILES
     tiled_upscaler = Upscaler(pipeline, settings)
-    assert pipeline.with_tiling(96, 96, settings["tiling"]).plan.latent_grid == (2, 2)
+    assert pipeline.with_tiling(192, 192, settings["tiling"]).plan.latent_grid == (2, 2)
     tiled = tiled_upscaler.upscale_tensor(lr)
-    assert tiled.shape == untiled.shape == (1, 3, 96, 96)
-    assert pipeline.with_tiling(96, 96, settings["tiling"]).plan.vae_grid == (2, 2)
+    assert tiled.shape == untiled.shape == (1, 3, 192, 192)
+    assert pipeline.with_tiling(192, 192, settings["tiling"]).plan.vae_grid == (2, 2)
     difference = (tiled - untiled).abs()
-    assert difference.mean() < 0.005 and difference.max() < 0.05
+    assert difference.mean() < 0.015 and difference.max() < 0.2
 
 
 def test_no_step_at_tile_borders_on_a_smooth_gradient(tiny_student):

@@ -40,7 +40,7 @@ matplotlib.use("Agg")
 def compose_config(name: str, run_dir: Path, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose(name, overrides=[f"hydra.run.dir={run_dir}", *overrides], return_hydra_config=True)
+        cfg = compose(name, overrides=[f"hydra.run.dir='{run_dir}'", *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
@@ -95,10 +95,90 @@ def teacher_pipeline(teacher_dir: Path, student_dir: Path, steps: int) -> AddSRP
                          psr=False, psr_weight=0.0, scale=student.scale)  # fmt: skip
 
 
-def render(pipeline: AddSRPipeline, names: list[str], crop: int, folder: Path, seed: int) -> None:
+def render(pipeline: AddSRPipeline, names: list[str], crop: int, folder: Path, seed: int) -> float:
+    """Upscale the held-out pairs into `folder`; returns the mean milliseconds per image (the first
+    image excluded as warm-up when there are several)."""
+    times = []
     for item in SamplePairedDataset(names, crop, 4):
+        start = time.perf_counter()
         sr = pipeline(item["lr"][None], generator=torch.Generator().manual_seed(seed))
+        times.append((time.perf_counter() - start) * 1000)
         write_image(folder / "sample" / f"{item['name']}.png", sr[0])
+    timed = times[1:] or times
+    return sum(timed) / len(timed)
+
+
+def timing_ms(timing_csv: Path) -> dict[str, float]:
+    """Mean milliseconds per image by method label ("AddSR-1", ...) from the evaluation's timing.csv."""
+    with timing_csv.open() as handle:
+        return {row["method"]: float(row["mean_ms"]) for row in csv.DictReader(handle)}
+
+
+def metrics_summary(means: dict, ms: dict, teacher_label: str, teacher_ms: float, ablation: dict) -> dict:
+    """`outputs/demo/metrics.json`: bicubic, the teacher and the student per step count, the ablation."""
+    pick = {"psnr", "ssim"}
+    students = sorted(k for k in means if k.startswith("AddSR-"))
+    return {
+        "bicubic": {k: v for k, v in means["Bicubic"].items() if k in pick},
+        "teacher": {**{k: v for k, v in means[teacher_label].items() if k in pick}, "ms": teacher_ms},
+        "student": {
+            label.removeprefix("AddSR-"): {
+                **{k: v for k, v in means[label].items() if k in pick},
+                "ms": ms.get(label),
+            }  # fmt: skip
+            for label in students
+        },
+        "ablation": ablation,
+    }
+
+
+def headline(summary: dict) -> str:
+    """The demo's claims, each with its measured numbers and whether it holds."""
+    bicubic, teacher = summary["bicubic"], summary["teacher"]
+    students = summary["student"]
+    best = max(students, key=lambda k: students[k]["psnr"])
+    fastest = students[min(students, key=int)]
+    speedup = teacher["ms"] / fastest["ms"] if fastest.get("ms") else float("nan")
+
+    def mark(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    return "\n".join([
+        f"- Teacher beats bicubic on PSNR: {mark(teacher['psnr'] > bicubic['psnr'])} "
+        f"({teacher['psnr']:.2f} vs {bicubic['psnr']:.2f} dB)",
+        f"- 1-step student beats bicubic on PSNR: {mark(students[min(students, key=int)]['psnr'] > bicubic['psnr'])} "
+        f"({fastest['psnr']:.2f} vs {bicubic['psnr']:.2f} dB)",
+        f"- Best student ({best} steps) within 1 dB of the teacher: "
+        f"{mark(students[best]['psnr'] >= teacher['psnr'] - 1)} ({students[best]['psnr']:.2f} vs {teacher['psnr']:.2f} dB)",
+        f"- 1-step student at least 10x faster than the teacher per image: {mark(speedup >= 10)} ({speedup:.1f}x)",
+    ])  # fmt: skip
+
+
+def run_ablation(settings, out: Path, base: list[str], ev) -> dict:
+    """One short student run per cell of `settings.ablation.cells` (the same teacher), each scored at
+    1 step on the held-out pairs: {cell: {"psnr", "ssim"}} as measured."""
+    results = {}
+    for cell, overrides in settings.ablation.cells.items():
+        run = out / "ablation" / cell
+        student = Path(train(compose_config("train", run, [
+            *base, f"trainer.max_steps={settings.ablation.max_steps}", *settings.student.overrides, *overrides]))["student"])  # fmt: skip
+        eval_cfg = compose_config("eval", run / "evaluation", [
+            f"student={student}", f"metrics.names=[{','.join(ev.metrics)}]", "steps=[1]", "include_bicubic=false",
+            "save_images=false", f"datasets.sample.names=[{','.join(ev.names)}]",
+            f"datasets.sample.crop_size={ev.crop_size}", "+upscale.color_fix=none"])  # fmt: skip
+        means = summary_rows(evaluate(eval_cfg)["records"])
+        results[cell] = {"overrides": list(overrides), **means["AddSR-1"]}
+    return results
+
+
+def ablation_table(full: dict, ablation: dict) -> str:
+    lines = ["| Cell | Overrides | PSNR (1 step) | SSIM (1 step) |", "|---|---|---:|---:|",
+             f"| full (PSR on, TA exponential, HR teacher) | - | {full['psnr']:.2f} | {full['ssim']:.4f} |"]  # fmt: skip
+    lines += [
+        f"| {cell} | {' '.join(r['overrides'])} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+        for cell, r in ablation.items()
+    ]
+    return "\n".join(lines)
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -224,7 +304,9 @@ def write_report(out: Path, sections: dict) -> tuple[Path, Path]:
 
 
 REPORT_SECTIONS = (
+    "Does the method work here?",
     "Metrics",
+    "Ablation",
     "Does the student beat bicubic?",
     "Images",
     "Loss curves",
@@ -246,11 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     base = ["model=tiny", "data=sample", "trainer=cpu", "logger=csv", f"seed={settings.seed}",
             f"data.crop_size={settings.crop_size}", f"paths.cache_dir={out / 'cache'}"]  # fmt: skip
 
-    print("[1/5] fitting the tiny VAE")
+    print("[1/6] fitting the tiny VAE")
     vae_dir, vae_psnr = fit_vae(settings.vae, out / "vae_fit", settings.seed, base)
     with_vae = [*base, f"model.components.vae_path={vae_dir}"]
 
-    print("[2/5] training the tiny teacher")
+    print("[2/6] training the tiny teacher")
     teacher_run = out / "teacher"
     for run in (teacher_run, out / "student"):  # a rerun trains afresh (training refuses to overwrite a run)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -258,18 +340,18 @@ def main(argv: list[str] | None = None) -> None:
                                                 *settings.teacher.overrides]))  # fmt: skip
     teacher_dir = teacher_run / "teacher"
 
-    print("[3/5] distilling the tiny AddSR student")
+    print("[3/6] distilling the tiny AddSR student")
     student_run = out / "student"
     student_cfg = compose_config("train", student_run, [
         *with_vae, f"model.components.unet_path={teacher_dir}", f"model.components.controlnet_path={teacher_dir}",
         f"trainer.max_steps={settings.student.max_steps}", *settings.student.overrides])  # fmt: skip
     student_dir = Path(train(student_cfg)["student"])
 
-    print("[4/5] evaluating bicubic, the teacher and the student")
+    print("[4/6] evaluating bicubic, the teacher and the student")
     ev = settings.evaluation
     teacher_label = f"Teacher-{ev.teacher_steps}"
     teacher_images = out / "teacher_outputs"
-    render(
+    teacher_ms = render(
         teacher_pipeline(teacher_dir, student_dir, ev.teacher_steps),
         list(ev.names),
         ev.crop_size,
@@ -282,13 +364,26 @@ def main(argv: list[str] | None = None) -> None:
         f"datasets.sample.names=[{','.join(ev.names)}]", f"datasets.sample.crop_size={ev.crop_size}",
         f"+baselines.{teacher_label}={teacher_images}", "+upscale.color_fix=none"])  # fmt: skip
     paths = evaluate(eval_cfg)
+    means = summary_rows(paths["records"])
 
-    print("[5/5] writing the report")
+    print("[5/6] the ablation: one short student per cell, scored at 1 step")
+    student_base = [
+        *with_vae,
+        f"model.components.unet_path={teacher_dir}",
+        f"model.components.controlnet_path={teacher_dir}",
+    ]
+    ablation = run_ablation(settings, out, student_base, ev) if settings.ablation.cells else {}
+
+    print("[6/6] writing the report")
+    summary = metrics_summary(means, timing_ms(paths["timing_csv"]), teacher_label, teacher_ms, ablation)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     methods = [teacher_label, *(f"AddSR-{k}" for k in eval_cfg.steps)]
     grids = image_grids(eval_dir, list(ev.names), ev.crop_size, ["Bicubic", *methods], figures)
-    means = summary_rows(paths["records"])
     sections = {
+        "Does the method work here?": (headline(summary), []),
         "Metrics": (paths["markdown"].read_text(), []),
+        "Ablation": ("Each cell is a student trained as long as the main one with one setting changed, "
+                     "scored at 1 step, as measured:\n\n" + ablation_table(summary["student"]["1"], ablation), []),
         "Does the student beat bicubic?": (verdict(means, vae_psnr), []),
         "Images": ("Each row: LR (nearest x4) | Bicubic | " + " | ".join(methods) + " | HR.", grids),
         "Loss curves": ("Training losses of the teacher (Eq. 2) and the student (TA-weighted distillation, G and D).",

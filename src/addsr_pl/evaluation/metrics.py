@@ -195,6 +195,26 @@ def required_files(name: str, weights_dir: str | Path, pretrained: bool = True) 
     return paths
 
 
+def check_weights(names: Sequence[str], weights_dir: str | Path, pretrained: bool = True) -> None:
+    """Every file the metrics `names` read; one `MissingWeightsError` listing all that are missing, each
+    with where it comes from, and the metrics that run without any file."""
+    problems = []
+    for name in names:
+        try:
+            required_files(name, weights_dir, pretrained)
+        except MissingWeightsError as error:
+            problems.append(f"- {error}")
+    if problems:
+        free = [n for n, spec in METRICS.items() if not spec.backbones and spec.checkpoint is None
+                and not spec.hub_backbones]  # fmt: skip
+        raise MissingWeightsError(
+            f"{len(problems)} of metrics.names={list(names)} cannot be built from {weights_dir}:\n"
+            + "\n".join(problems)
+            + f"\nPlace the files as named above (metrics.weights_dir), or score without them: "
+            f"metrics.names=[{','.join(free)}] needs no weight file."
+        )
+
+
 def _reads_checkpoint(spec: MetricSpec, pretrained: bool) -> bool:
     """Metrics pyiqa cannot build without their file (NIQE's model parameters) always read it."""
     return pretrained or spec.no_pretrained_value is None
@@ -330,6 +350,9 @@ class MetricSuite:
         self.names = list(names)
         for name in self.names:
             _spec(name)
+        check_weights(
+            self.names, weights_dir if weights_dir is not None else default_weights_dir(), pretrained
+        )
         self.device = torch.device(device)
         self.metrics = {
             name: create_metric(

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from addsr_pl.config import check_schema
 from addsr_pl.core.sampler import upscale
 from addsr_pl.evaluation.metrics import MetricSuite
 from addsr_pl.evaluation.tables import (
@@ -18,7 +19,6 @@ from addsr_pl.evaluation.tables import (
     TimingRecord,
     image_records,
     plot_perception_distortion,
-    write_records_csv,
     write_tables,
     write_timing_table,
 )
@@ -62,6 +62,7 @@ class Evaluation:
         if cfg.student:
             settings = OmegaConf.merge(OmegaConf.load(config_dir() / "upscale.yaml"), cfg.upscale)
             settings = OmegaConf.to_container(settings, resolve=True)
+            check_schema(settings, "upscale")  # a bad `upscale.*` override fails before any model runs
             if cfg.precision is not None:
                 settings["precision"] = cfg.precision
             pipeline = AddSRPipeline.for_inference(cfg.student, settings, self.device)
@@ -107,6 +108,27 @@ class Evaluation:
                     self.score(method, dataset, name, None, sr, hr)
         return self.write()
 
+    def pd_axes(self) -> tuple[str, str] | None:
+        """The perception-distortion plot's (x, y) metrics: `pd_plot`'s where both are scored, else the
+        closest pair among the scored metrics (said in the log); None, with the reason, when fewer than
+        two metrics are scored."""
+        names = list(self.suite.names)
+        want_x, want_y = self.cfg.pd_plot.x_metric, self.cfg.pd_plot.y_metric
+        if len(names) < 2:
+            log.warning("perception_distortion.png skipped: it needs two metrics, metrics.names=%s", names)
+            return None
+        reference = self.suite.full_reference
+        x = want_x if want_x in names else next((n for n in names if reference[n]), names[0])
+        others = [n for n in names if n != x]
+        y = want_y if want_y in others else next((n for n in others if not reference[n]), others[0])
+        if (x, y) != (want_x, want_y):
+            log.warning(
+                "perception_distortion.png plots %s against %s: pd_plot asks for %s against %s, and "
+                "metrics.names=%s lacks %s",
+                y, x, want_y, want_x, names, " and ".join(m for m in (want_x, want_y) if m not in names),
+            )  # fmt: skip
+        return x, y
+
     def write(self) -> dict[str, Path]:
         order = ["Bicubic", *self.cfg.baselines, *([self.cfg.method_name] if self.upscaler else [])]
         paths = write_tables(
@@ -116,9 +138,10 @@ class Evaluation:
             method_order=order,
             lower_is_better=self.suite.lower_is_better,
         )
-        paths["records"] = write_records_csv(self.records, self.out_dir / "records.csv")
-        x, y = self.cfg.pd_plot.x_metric, self.cfg.pd_plot.y_metric
-        if self.upscaler is not None and {x, y} <= set(self.suite.names):
+        paths["records"] = paths["per_image"]  # one per-image CSV (results_per_image.csv), not two copies
+        axes = self.pd_axes() if self.upscaler is not None else None
+        if axes is not None:
+            x, y = axes
             paths["pd_plot"] = plot_perception_distortion(
                 self.records, self.out_dir / "perception_distortion.png", x_metric=x, y_metric=y
             )

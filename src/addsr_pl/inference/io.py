@@ -308,6 +308,11 @@ def write_image(
     if rgb.ndim != 3 or rgb.shape[0] != 3:
         raise ValueError(f"write_image expects rgb shaped [3, H, W], got {tuple(rgb.shape)}")
     bit_depth = like.bit_depth if like is not None and fmt in SIXTEEN_BIT_FORMATS else 8
+    if like is not None and like.bit_depth == 16 and bit_depth == 8:
+        warnings.warn(
+            f"{path.name}: the 16-bit input is written as 8-bit {fmt}; write PNG or TIFF to keep 16 bits",
+            stacklevel=2,
+        )
     grayscale = like is not None and like.grayscale and fmt != "WEBP"
 
     color = rgb.detach().float().cpu().clamp(0, 1)

@@ -361,6 +361,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             batch_size=hr.shape[0],
         )
         self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
+        # the progress bar's short names; the logger already has them under train/
+        bar = {k: logs[k].detach().float() for k in ("loss_g", "loss_d") if k in logs}
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=hr.shape[0])
 
     def step_discriminator_first(self):
         """`gd_order: discriminator_first`: step D before the student's forward, and return how to undo
