@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
 from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES
 from addsr_pl.models.trainable import TRAINABLE_SETS
@@ -335,6 +336,23 @@ TILING = Group({
     "latent_weight_sigma": Float(0, open_low=True),
 })  # fmt: skip
 
+
+def SPEED(optional: bool) -> dict[str, Spec]:  # noqa: N802
+    """The speed settings (inference/speed.py): the student's defaults, or upscale's overrides (null: the
+    student's)."""
+    wrap = Optional if optional else (lambda spec: spec)
+    return {
+        "precision": wrap(Choice(*PRECISION_CHOICES)),
+        "channels_last": wrap(Bool()),
+        "tf32": wrap(Bool()),
+        "compile": wrap(Choice(*COMPILE_MODES)),
+        "compile_scope": wrap(Choice(*COMPILE_SCOPES)),
+        "cuda_graph": wrap(Bool()),
+        "cuda_graph_warmup": wrap(POSITIVE),
+        "cuda_graph_cache": wrap(POSITIVE),
+    }
+
+
 SCHEMA: dict[str, Group] = {
     # stage=addsr's method (conf/method/addsr.yaml)
     "method": Group(
@@ -348,12 +366,14 @@ SCHEMA: dict[str, Group] = {
             "psr": Bool(),
             "psr_weight": PROBABILITY,
             "inference_psr_weight": PROBABILITY,
+            "inference_speed": Group(SPEED(optional=False)),
             "teacher_condition": Choice("hr", "lr"),
             "teacher_control_image": Choice(None, "hr", "lr"),
             "teacher_prompt_source": Choice(None, "hr", "lr"),
             "teacher_timesteps_per_sample": POSITIVE,
             "teacher_timestep_range": ListOf(Int(0, 1000), length=2),
             "conditioning_scale": Float(0),
+            "student_prompt_source": Choice("hr", "lr"),
             "null_text_ratio": PROBABILITY,
             "distill_space": Choice("pixel", "latent"),
             "ta_schedule": OneOf(Choice(*TA_SCHEDULES), ListOf(Float(0))),
@@ -370,12 +390,29 @@ SCHEMA: dict[str, Group] = {
                 {"rank": POSITIVE, "alpha": Float(0, open_low=True), "target_modules": ListOf(Str())}
             ),
             "ema_decay": Float(0, 1),
+            "ema_every": Choice("iteration", "micro_step"),
             "accumulate_grad_batches": POSITIVE,
+            "gd_order": Choice("generator_first", "discriminator_first"),
             "grad_clip_g": Optional(Float(0, open_low=True)),
             "grad_clip_d": Optional(Float(0, open_low=True)),
+            "max_consecutive_nonfinite": POSITIVE,
             "optimizer_g": OPTIMIZER,
             "optimizer_d": OPTIMIZER,
             "lr_scheduler": LR_SCHEDULER,
+            "memory": Group(
+                {
+                    "share_frozen_weights": Bool(),
+                    "gradient_checkpointing": Bool(),
+                    "vae_gradient_checkpointing": Bool(),
+                    "teacher_decode_chunk": Optional(POSITIVE),
+                    "ema_placement": Choice("device", "cpu"),
+                    "ema_dtype": Choice("float32", "bfloat16"),
+                    "fused_adamw": Bool(),
+                    "discriminator_batched": Bool(),
+                    "compile_student": Bool(),
+                    "compile_options": ANY,
+                }
+            ),
             "val_steps": ListOf(POSITIVE),
         }
     ),  # fmt: skip
@@ -392,6 +429,17 @@ SCHEMA: dict[str, Group] = {
             "optimizer": OPTIMIZER,
             "lr_scheduler": LR_SCHEDULER,
             "val_timesteps": ListOf(TIMESTEP),
+        }
+    ),  # fmt: skip
+    # stage=psr_decoder's method (conf/method/psr_decoder.yaml)
+    "method@psr_decoder": Group(
+        {
+            "architecture": Group({"channels": POSITIVE, "blocks_per_stage": POSITIVE}),
+            "loss": Choice("l1", "mse"),
+            "include_lr": Bool(),
+            "latent_jitter": Float(0),
+            "optimizer": OPTIMIZER,
+            "lr_scheduler": LR_SCHEDULER,
         }
     ),  # fmt: skip
     "data": Target(
@@ -443,6 +491,7 @@ SCHEMA: dict[str, Group] = {
                 translation=Float(0, 1),
                 cutout=Float(0, 1),
                 cmap_dim=POSITIVE,
+                cmapper_equalized=Bool(),
                 head_groups=POSITIVE,
                 head_kernel_size=POSITIVE,
                 leaky_slope=Float(0),
@@ -456,6 +505,10 @@ SCHEMA: dict[str, Group] = {
             "negative_prompt": Str(),
             "manual_prompt": Str(),
             "tagger": TAGGER,
+            "prompt_join": Choice(*PROMPT_JOINS),
+            "train_positive_prompt": Bool(),
+            "train_tags": Choice("tagger", "original_ram"),
+            "prompt_cache_size": NONNEGATIVE,
         }
     ),  # fmt: skip
     # conf/upscale.yaml with the command line's flags merged in
@@ -466,7 +519,9 @@ SCHEMA: dict[str, Group] = {
             "steps": OneOf(POSITIVE, ListOf(TIMESTEP)),
             "psr_weight": Optional(PROBABILITY),
             "seed": Int(),
-            "precision": Choice("fp32", "bf16", "fp16"),
+            **SPEED(optional=True),
+            "psr_decoder": Choice(None, "vae", "tiny"),
+            "batch_size": POSITIVE,
             "device": Str(),
             "color_fix": Choice("adain", "wavelet", "none"),
             "wavelet_levels": POSITIVE,
@@ -490,7 +545,9 @@ def check_schema(values: dict, group: str, prefix: str | None = None) -> None:
 
 def validate_types(cfg: DictConfig) -> None:
     """Every boolean, enum and number of the method, data, model and conditioning groups by type."""
-    method = "method@teacher" if cfg.get("stage") == "teacher" else "method"
+    method = {"teacher": "method@teacher", "psr_decoder": "method@psr_decoder"}.get(
+        cfg.get("stage"), "method"
+    )
     problems = []
     for group, key in (
         (method, "method"),
