@@ -372,7 +372,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         _, opt_d = self.optimizers()
         student = [p for _, p in self.student_trainable()]
         discriminator = [p for _, p in self.discriminator_trainable()]
-        if not self.nonfinite.check_grads("grad_d", [p.grad for p in discriminator]):
+        if not self.nonfinite.check_grads("grad_d", [p.grad for p in discriminator], self):
             for p in discriminator:
                 p.grad = None
             step_alone(opt_d, student)  # moves nothing but the step counter; the guard skips the iteration

@@ -64,12 +64,16 @@ class NonFiniteGuard:
         """Note a loss of this iteration; it is read (one host sync for all) in `finish`."""
         self._losses.append((name, torch.isfinite(loss.detach()).all()))
 
-    def check_grads(self, name: str, grads: list[Tensor | None]) -> bool:
-        """Whether `grads` are finite; if not, `name` counts against this iteration in `finish`."""
-        finite = all_finite(grads)
-        if not finite:
-            self._bad_losses.append(name)
-        return finite
+    def check_grads(self, name: str, grads: list[Tensor | None], module) -> bool:
+        """Whether `grads` are finite on every rank (one host sync); the result also counts in `finish`."""
+        finite = torch.stack(
+            [torch.isfinite(g).all() for g in grads if g is not None] or [flags_true(module)]
+        ).all()
+        self._losses.append((name, finite))
+        flag = (~finite).float()
+        if module._trainer is not None:
+            flag = module.trainer.strategy.reduce(flag, reduce_op="sum")
+        return int(flag) == 0
 
     def finish(self, module, iteration: int, grads: dict[str, list[Tensor]]) -> bool:
         """True when the iteration may step; on False the gradients are already dropped.
