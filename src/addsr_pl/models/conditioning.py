@@ -200,7 +200,12 @@ class Conditioner(nn.Module):
             conditioning["negative_prompt"],
             conditioning.get("prompt_join", "clean"),
             conditioning.get("train_positive_prompt", True),
-            conditioning["prompt_cache_size"],
+            # students exported before the cache was bounded carry no size: the encoder's default
+            **(
+                {"cache_size": conditioning["prompt_cache_size"]}
+                if "prompt_cache_size" in conditioning
+                else {}
+            ),
         )
         return cls(
             prompt_encoder,
