@@ -119,14 +119,17 @@ class Upscaler:
                     target, sr, like=image, alpha=alpha, format=self.settings["format"],
                     quality=self.settings["jpeg_quality"],
                 )  # fmt: skip
-            except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
-                report.failed[source] = str(error)
-                log.error("skipped %s: %s", source, error)
-                continue
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 report.failed[source] = (
                     "out of GPU memory: lower tiling.latent_tile_size / tiling.vae_tile_size"
+                )
+                log.error("skipped %s: %s", source, report.failed[source])
+                continue
+            except (ImageReadError, ImageSizeError, OSError, ValueError, RuntimeError) as error:
+                # one image that fails (even inside the model) is reported; the batch goes on
+                report.failed[source] = (
+                    str(error) if not isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"
                 )
                 log.error("skipped %s: %s", source, report.failed[source])
                 continue
