@@ -176,6 +176,10 @@ class Upscaler:
                     "out of GPU memory: lower --batch-size, tiling.latent_tile_size / tiling.vae_tile_size",
                 )
             return
+        except RuntimeError as error:  # one group that fails inside the model is reported; the run goes on
+            for image in images:
+                self._fail(report, image.path, f"{type(error).__name__}: {error}")
+            return
         seconds = (time.perf_counter() - start) / len(group)
         for (image, target), (sr, alpha) in zip(group, outputs):
             try:
