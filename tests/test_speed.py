@@ -250,3 +250,31 @@ def test_the_exported_student_carries_the_speed_defaults(tiny_student):
     assert pipeline.speed.precision == "fp32" and not pipeline.speed.channels_last
     assert pipeline.speed.compile == manifest["speed"]["compile"]
     assert next(pipeline.denoiser.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("tagger_input", ["upscaled", "lr_bilinear"])
+def test_the_first_step_tagger_input_is_the_upscale_or_the_native_lr_resized_bilinearly(
+    seesr_pipeline, tagger_input
+):
+    conditioner = seesr_pipeline.conditioner
+    tagger = conditioner.tagger
+    seen = []
+    hook = tagger.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    conditioner.inference_tagger_input = tagger_input
+    try:
+        lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        lr_up = seesr_pipeline._inputs(lr, 1, torch.Generator().manual_seed(0), None)[0]
+    finally:
+        conditioner.inference_tagger_input = "upscaled"
+        hook.remove()
+    expected = (
+        lr_up
+        if tagger_input == "upscaled"
+        else torch.nn.functional.interpolate(lr, size=tagger.input_size, mode="bilinear", align_corners=False)
+    )
+    assert seen[0].shape == expected.shape
+    torch.testing.assert_close(seen[0], expected.clamp(0, 1))
+    assert (
+        not torch.equal(lr_up[..., : expected.shape[-2], : expected.shape[-1]], expected)
+        or tagger_input == "upscaled"
+    )

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
-from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES
+from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES, TAGGER_INPUTS
 from addsr_pl.models.trainable import TRAINABLE_SETS
 
 
@@ -509,6 +509,7 @@ SCHEMA: dict[str, Group] = {
             "train_positive_prompt": Bool(),
             "train_tags": Choice("tagger", "original_ram"),
             "prompt_cache_size": NONNEGATIVE,
+            "inference_tagger_input": Choice(*TAGGER_INPUTS),
         }
     ),  # fmt: skip
     # conf/upscale.yaml with the command line's flags merged in

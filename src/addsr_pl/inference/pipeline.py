@@ -161,7 +161,9 @@ class AddSRPipeline:
                 lr_up, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
             )
         timesteps = torch.tensor(self.timesteps(steps), device=self.device)
-        conditioning = self.conditioner.condition(lr_up, manual=manual_prompt)
+        conditioning = self.conditioner.condition(
+            self.conditioner.first_step_image(lr, lr_up), manual=manual_prompt
+        )
         shape = (lr.shape[0], self.latent_channels, lr_up.shape[-2] // self.codec.scale_factor,
                  lr_up.shape[-1] // self.codec.scale_factor)  # fmt: skip
         noises = [self.noise(shape, generator) for _ in range(len(timesteps))]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -136,6 +137,8 @@ class PromptEncoder(nn.Module):
 
 
 PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
+# inference step 1's tagger input: upscaled (the control image) | lr_bilinear (official)
+TAGGER_INPUTS = ("upscaled", "lr_bilinear")
 PROMPT_JOINS = ("clean", "official")
 TRAIN_TAGS = ("tagger", "original_ram")
 
@@ -158,6 +161,7 @@ class Conditioner(nn.Module):
         use_representation: bool = False,
         manual_prompt: str = "",
         train_tagger: nn.Module | None = None,
+        inference_tagger_input: str = "upscaled",
     ):
         super().__init__()
         self.prompt_encoder = prompt_encoder
@@ -165,6 +169,11 @@ class Conditioner(nn.Module):
         self.use_representation = use_representation
         self.manual_prompt = manual_prompt
         self.train_tagger = train_tagger
+        if inference_tagger_input not in TAGGER_INPUTS:
+            raise ValueError(
+                f"conditioning.inference_tagger_input = {inference_tagger_input!r}: must be one of {TAGGER_INPUTS}"
+            )
+        self.inference_tagger_input = inference_tagger_input
         if prompt_encoder.prompt == "tags" and tagger is None:
             raise ValueError("conditioning.prompt = 'tags' needs a tagger: set conditioning.tagger")
         if use_representation and tagger is None:
@@ -213,7 +222,17 @@ class Conditioner(nn.Module):
             has_image_attention(unet),
             conditioning.get("manual_prompt", ""),
             train_tagger,
+            conditioning.get("inference_tagger_input", "upscaled"),
         )
+
+    def first_step_image(self, lr: Tensor, lr_up: Tensor) -> Tensor:
+        """What the tagger sees at inference step 1: the upscaled LR, as every later step sees its control
+        image (`inference_tagger_input: upscaled`), or the native LR resized bilinearly to the tagger's
+        input size (`lr_bilinear`, the official pipeline)."""
+        size = getattr(self.tagger, "input_size", None)
+        if self.inference_tagger_input == "upscaled" or size is None:
+            return lr_up
+        return F.interpolate(lr.float(), size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
     def texts(self, images: Tensor, manual: list[str] | None = None, training: bool = False) -> list[str]:
         b = images.shape[0]

@@ -579,6 +579,12 @@ class RAMTagger(nn.Module):
             ram.label_embed.normal_()
         return cls(ram, tag_list, class_thresholds, **kwargs)
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The side RAM's image encoder takes (384 for Swin-L)."""
+        size = self.ram.visual_encoder.image_size
+        return (size, size)
+
     def preprocess(self, images: Tensor) -> Tensor:
         size = self.ram.visual_encoder.image_size
         x = F.interpolate(
