@@ -35,6 +35,7 @@ def test_official_recipe_switches_each_departure_and_paper_is_the_default(make_c
         "conditioning.train_tags": ("tagger", "original_ram"),
         "conditioning.train_positive_prompt": (True, False),
         "conditioning.prompt_join": ("clean", "official"),
+        "conditioning.inference_tagger_input": ("upscaled", "lr_bilinear"),
     }
     for key, (in_paper, in_official) in switched.items():
         assert OmegaConf.select(paper, key) == in_paper, key
