@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import difflib
 from pathlib import Path
 
@@ -156,11 +157,11 @@ def validate(cfg: DictConfig) -> None:
 # what is allowed; a key the schema does not know fails with the closest known key.
 
 
-class Spec:
+class Spec(abc.ABC):
     """A value's type: `check` returns None when `value` fits, else what is allowed."""
 
-    def check(self, value, key: str) -> str | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def check(self, value, key: str) -> str | None: ...
 
 
 class Any_(Spec):
