@@ -104,3 +104,24 @@ def test_the_bar_counts_iterations_shows_the_losses_and_logs_above_it(make_cfg, 
         f"message at batch {i}" for i in range(ITERATIONS)
     ]
     assert console.handlers == [] and bar._redirect is None
+
+
+def test_a_resumed_run_starts_its_bar_at_the_iteration_it_resumes_from(make_cfg, tmp_path):
+    cfg = make_cfg()
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = True
+
+    def fit(iterations, ckpt_path=None):
+        bar = the_bar(build_callbacks(cfg))
+        trainer = pl.Trainer(
+            max_steps=iterations * bar.steps_per_iteration, callbacks=[bar], accelerator="cpu",
+            logger=False, enable_checkpointing=False, enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(TwoOptimizerToy("addsr_pl.test_progress_bar.quiet"), ckpt_path=ckpt_path)
+        return trainer, bar.train_progress_bar
+
+    first, _ = fit(2)
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    _, shown = fit(ITERATIONS, tmp_path / "two.ckpt")
+    assert (shown.initial, shown.n, shown.total) == (2, ITERATIONS, ITERATIONS)
