@@ -28,6 +28,14 @@ def test_the_training_command_leaves_a_checkpoint_and_the_student(tmp_path, cach
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "student" / "addsr_student.json").is_file()
     assert f"Exported student: {run / 'student'}" in done.stdout
+    # one bar over the run's 4 iterations with its losses and rate
+    # (text mode reads tqdm's carriage returns as line ends)
+    last_bar = [line for line in done.stdout.splitlines() if line.startswith("iteration:")][-1]
+    assert "4/4" in last_bar and "it/s" in last_bar, last_bar
+    assert "loss_g=" in last_bar and "loss_d=" in last_bar, last_bar
+    assert "Epoch" not in done.stdout + done.stderr
+    # one CSV per run: the csv logger's metrics.csv
+    assert sorted(run.rglob("*.csv")) == [run / "csv" / "version_0" / "metrics.csv"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == 4
     # frozen teacher, VAE and text encoder reload from their folders: not in the checkpoint

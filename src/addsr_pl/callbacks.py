@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import threading
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import TQDMProgressBar
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +138,111 @@ class FinalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path)
+
+
+def console_loggers() -> list[logging.Logger]:
+    """The root logger and every named logger with handlers of its own (Lightning's, for one)."""
+    named = logging.root.manager.loggerDict.values()
+    return [logging.root, *(lg for lg in named if isinstance(lg, logging.Logger) and lg.handlers)]
+
+
+def write_warning_above_bar(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` that prints with `tqdm.write`, above the bars in use."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+
+
+class IterationProgressBar(TQDMProgressBar):
+    """One bar for the whole run that counts training iterations, with the losses and it/s.
+
+    Lightning's bar counts batches of an epoch (`Epoch 0/-2` for a run bounded by `max_steps`);
+    this one counts iterations up to `trainer.max_steps` (in iterations), so `it/s` is iterations
+    per second, and a resumed run starts at the iteration it resumes from. The postfix holds the
+    metrics logged with `prog_bar=True` (`loss_g`, `loss_d`), less those in `hidden`. While the bar
+    is shown, the console handlers of Python logging and `warnings` print through `tqdm.write`, so
+    log lines appear above the bar instead of over it.
+
+    Args:
+        description: the bar's label.
+        optimizer_steps_per_iteration: Lightning's steps (`trainer.global_step`) per iteration;
+            set by `addsr_pl.train` from the stage when null.
+        hidden: progress-bar metrics left out of the postfix.
+        refresh_rate: redraw every this many training batches.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        optimizer_steps_per_iteration: int | None,
+        hidden: list[str],
+        refresh_rate: int,
+    ):
+        super().__init__(refresh_rate=refresh_rate)
+        self.description = description
+        self.steps_per_iteration = int(optimizer_steps_per_iteration or 1)
+        self.hidden = set(hidden)
+        self._redirect: ExitStack | None = None
+
+    @property
+    def train_description(self) -> str:
+        return self.description
+
+    def iteration(self, trainer) -> int:
+        return trainer.global_step // self.steps_per_iteration
+
+    def total_iterations(self, trainer) -> int | None:
+        return trainer.max_steps // self.steps_per_iteration if trainer.max_steps > 0 else None
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        return {k: v for k, v in items.items() if k not in self.hidden}
+
+    def _redirect_console(self) -> None:
+        if self._redirect is not None or self.is_disabled:
+            return
+        self._redirect = ExitStack()
+        self._redirect.enter_context(logging_redirect_tqdm(loggers=console_loggers()))
+        shown = warnings.showwarning
+        warnings.showwarning = write_warning_above_bar
+        self._redirect.callback(setattr, warnings, "showwarning", shown)
+
+    def _restore_console(self) -> None:
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        start = self.iteration(trainer)
+        bar.reset(total=self.total_iterations(trainer))
+        bar.initial = bar.n = start
+        bar.set_description(self.description)
+        self._redirect_console()
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar over all epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        n = self.iteration(trainer)
+        if bar is not None and n != bar.n and self._should_update(n, bar.total):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.n = self.iteration(trainer)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._restore_console()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
+        self._restore_console()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore_console()

@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from addsr_pl.callbacks import Preempted, Preemption
 from addsr_pl.config import validate
@@ -33,13 +34,21 @@ OPTIMIZER_STEPS_PER_ITERATION = {"addsr": 2, "teacher": 1, "psr_decoder": 1}
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of `conf/callbacks`, counts in iterations converted to Lightning's steps; progress
+    bars left out when `trainer.enable_progress_bar` is false."""
     callbacks = []
+    show_bar = (cfg.get("trainer") or {}).get("enable_progress_bar", True)
     for node in (cfg.get("callbacks") or {}).values():
         node = OmegaConf.to_container(node, resolve=True)
         every = node.pop("every_n_iterations", None)
         if every:
             node["every_n_train_steps"] = every * OPTIMIZER_STEPS_PER_ITERATION[cfg.stage]
-        callbacks.append(instantiate(node))
+        if "optimizer_steps_per_iteration" in node and node["optimizer_steps_per_iteration"] is None:
+            node["optimizer_steps_per_iteration"] = OPTIMIZER_STEPS_PER_ITERATION[cfg.stage]
+        callback = instantiate(node)
+        if isinstance(callback, ProgressBar) and not show_bar:
+            continue
+        callbacks.append(callback)
     return callbacks
 
 
