@@ -202,7 +202,7 @@ def test_ema_keeps_its_dtype_and_a_cpu_ema_stays_on_the_cpu():
 
 def prompt_encoder(module, cache_size):
     encoder = module.conditioner.prompt_encoder
-    return PromptEncoder(encoder.text_encoder, encoder.tokenizer, "fixed", "", "", cache_size)
+    return PromptEncoder(encoder.text_encoder, encoder.tokenizer, "fixed", "", "", cache_size=cache_size)
 
 
 def test_the_bounded_prompt_cache_returns_the_same_embeddings_as_encoding_one_text_at_a_time(make_cfg):
@@ -238,7 +238,8 @@ def test_teacher_decode_in_chunks_equals_one_decode(make_cfg):
     with torch.no_grad():
         whole = module.codec.decode(latents)
         chunked = decode_in_chunks(module.codec, latents, 2)
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    # batch-size-dependent conv kernels differ by float rounding (~2e-6); a wrong chunk would be O(1) off
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_one_discriminator_pass_over_real_and_fake_scores_each_as_two_passes(make_cfg):

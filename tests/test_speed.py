@@ -59,7 +59,8 @@ def sampler_inputs(pipeline: AddSRPipeline, steps: int, batch: int = 1, seed: in
 def test_seesr_denoiser_step_compiles_to_one_graph(seesr_pipeline):
     inputs = sampler_inputs(seesr_pipeline, 1)
     lr_up, text, representation = inputs[:3]
-    z = torch.randn(1, 4, lr_up.shape[-2] // 2, lr_up.shape[-1] // 2)
+    f = seesr_pipeline.codec.scale_factor
+    z = torch.randn(1, seesr_pipeline.latent_channels, lr_up.shape[-2] // f, lr_up.shape[-1] // f)
     explanation = torch._dynamo.explain(seesr_pipeline.denoiser)(
         z, torch.tensor([999]), lr_up, Conditioning(text, representation)
     )
