@@ -3,6 +3,8 @@ passes it, and a wrong type, a value outside its range or choices, or an unknown
 naming key, value and what is allowed."""
 
 import glob
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,25 @@ def test_upscale_defaults_pass_and_bad_values_are_named():
     settings["tiling"]["vae_statistics"] = "global"
     with pytest.raises(ConfigError, match=r"upscale.tiling.vae_statistics = 'global': must be one of"):
         check_schema(settings, "upscale")
+
+
+def test_the_training_command_answers_a_wrong_value_with_one_line_and_exit_code_2(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "addsr_pl.train",
+            "model=tiny",
+            "method.psr=flase",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "addsr-pl train: error: method.psr = 'flase': must be true or false (did you mean false?)"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
 from addsr_pl.callbacks import Preempted, Preemption
-from addsr_pl.config import validate
+from addsr_pl.config import ConfigError, validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
 from addsr_pl.paths import config_dir
-from addsr_pl.resume import RunConfigInCheckpoint, check_resume, resolve_ckpt_path
+from addsr_pl.resume import ResumeError, RunConfigInCheckpoint, check_resume, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,14 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except (ConfigError, ResumeError) as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # one bad cell of a sweep fails that job, not the sweep
+        # a wrong value or a refused resume: the message names the fix, no traceback (exit code 2)
+        print(f"addsr-pl train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     return result["metrics"].get("val/psnr_1step")
 
 
