@@ -86,3 +86,19 @@ def tiny_student(tmp_path_factory, cache_dir):
         run, ["data.crop_size=32", "trainer.max_steps=2", "trainer.limit_val_batches=0"], cache_dir
     )
     return train(cfg)["student"]
+
+
+def output_or_kill(proc, timeout: float, what: str) -> str:
+    """The output of `proc` (started with `start_new_session=True`); past `timeout` its whole process
+    group is killed and the test fails, so a deadlock never hangs the suite."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout} s (deadlock?):\n{out[-4000:]}")
+    return out

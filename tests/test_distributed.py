@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import output_or_kill
+
 PREEMPTED_EXIT_CODE = 143  # conf/callbacks/default.yaml: preemption.exit_code
 TIMEOUT_S = 240
 
@@ -36,13 +38,7 @@ def start(args: list[str]) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"DDP run timed out after {timeout} s (deadlock?):\n{out[-4000:]}")
-    return out
+    return output_or_kill(proc, timeout, "DDP run")
 
 
 def group_alive(pgid: int) -> bool:

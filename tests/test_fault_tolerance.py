@@ -23,7 +23,7 @@ from addsr_pl.method.nonfinite import NonFiniteLossError
 from addsr_pl.resume import ResumeError
 from addsr_pl.train import build_loggers, train
 
-from conftest import to_dicts
+from conftest import output_or_kill, to_dicts
 
 FAST = ["data.crop_size=32", "data.batch_size=2", "trainer.limit_val_batches=0"]
 
@@ -37,12 +37,7 @@ def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProces
         text=True,
         start_new_session=True,
     )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s (deadlock?):\n{out[-3000:]}")
+    out = output_or_kill(proc, timeout, "the training command")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
