@@ -219,6 +219,15 @@ class AddSRPipeline:
         timesteps, *noises]; constants: (psr_weight, psr_decoder)."""
         return self._sample(inputs, constants)[-1].x0_image
 
+    def _prepare(self, lr, steps, psr_weight, generator, manual_prompt, psr_decoder):
+        """((output height, width), the sampler's inputs, its constants) for `run` and `__call__`."""
+        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
+            lr, steps, generator, manual_prompt
+        )
+        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
+        size = (lr.shape[-2] * self.scale, lr.shape[-1] * self.scale)
+        return size, [lr_up, text_embeds, representation, timesteps, *noises], constants
+
     @torch.no_grad()
     def run(
         self,
@@ -230,12 +239,10 @@ class AddSRPipeline:
         psr_decoder: str | None = None,
     ) -> list[StudentStep]:
         """All student steps for a batch of LR images (x0 decoded at the last step), eagerly."""
-        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
-        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
-            lr, steps, generator, manual_prompt
+        (h, w), inputs, constants = self._prepare(
+            lr, steps, psr_weight, generator, manual_prompt, psr_decoder
         )
-        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
-        result = self._sample([lr_up, text_embeds, representation, timesteps, *noises], constants)
+        result = self._sample(inputs, constants)
         for step in result:
             step.control_image = step.control_image[..., :h, :w]
             if step.x0_image is not None:
@@ -254,12 +261,9 @@ class AddSRPipeline:
     ) -> Tensor:
         """SR images [B, 3, scale*h, scale*w] in [0, 1], through the compiled / graphed sampler where
         `with_speed` set one up and the run is untiled (tiled runs stay eager)."""
-        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
-        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
-            lr, steps, generator, manual_prompt
+        (h, w), inputs, constants = self._prepare(
+            lr, steps, psr_weight, generator, manual_prompt, psr_decoder
         )
-        inputs = [lr_up, text_embeds, representation, timesteps, *noises]
-        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
         tiled = self.plan is not None and (self.plan.vae_tile_size or self.plan.latent_tile_size)
         if self._graphs is not None and not tiled:
             try:

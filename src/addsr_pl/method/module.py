@@ -398,12 +398,13 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         student = [p for _, p in self.student_trainable()]
         discriminator = [p for _, p in self.discriminator_trainable()]
-        grads = {"g": [p.grad for p in student]}
-        if self.method["gd_order"] != "discriminator_first":
-            grads["d"] = [p.grad for p in discriminator]
+        d_stepped = self.method["gd_order"] == "discriminator_first"
+        grads = {"g": [p.grad for p in student]} | (
+            {} if d_stepped else {"d": [p.grad for p in discriminator]}
+        )
         ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
         # skipped: the gradients are dropped, so the steps move nothing but the step counters
-        if self.method["gd_order"] != "discriminator_first":
+        if not d_stepped:
             step_apart(opt_g, student, opt_d, discriminator)
             return ok
         if not ok and undo_d is not None:
