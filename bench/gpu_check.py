@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 # Sections merged into gpu_check.json, in this order (each from OUT/<key>.json; missing: null).
-SECTIONS = ("inference", "degradation", "train_step", "graph_breaks")
+SECTIONS = ("inference", "degradation", "train_step", "train_step_large", "graph_breaks")
 
 
 def graph_breaks(cache_dir: str, presets: list[str]) -> dict:
@@ -92,8 +92,10 @@ def markdown(result: dict) -> str:
     for run in inference.values():
         if not isinstance(run, dict) or "models" not in run:
             continue
-        lines += [f"## Inference on {run['device']}, LR {run['lr_size']}² -> SR {4 * run['lr_size']}²", "",
-                  "| model | row | steps | median ms | best ms | first call s | peak GiB | / eager fp16 |",
+        lines += [f"## Inference on {run['device']}, LR {run['lr_size']}² -> SR {4 * run['lr_size']}²", ""]
+        if not run.get("complete", True):
+            lines += ["Stopped before its end (time limit or error): what follows is what had finished.", ""]
+        lines += ["| model | row | steps | median ms | best ms | first call s | peak GiB | / eager fp16 |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for model, data in run["models"].items():
             for r in data["rows"]:
@@ -107,8 +109,11 @@ def markdown(result: dict) -> str:
                 if key in data:
                     lines.append(f"\n{model} {key}: `{json.dumps(data[key])}`")
         lines.append("")
-    for key in ("degradation", "train_step", "graph_breaks", "seconds"):
-        lines += [f"## {key}", "", "```json", json.dumps(result.get(key), indent=2), "```", ""]
+    for key in ("degradation", "train_step", "train_step_large", "graph_breaks", "seconds"):
+        if result.get(key) is None:
+            lines += [f"## {key}", "", "Not written: the section did not run, or stopped before writing.", ""]
+        else:
+            lines += [f"## {key}", "", "```json", json.dumps(result[key], indent=2), "```", ""]
     return "\n".join(lines)
 
 

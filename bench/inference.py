@@ -2,20 +2,23 @@
 
 Random weights of SD2-base's architecture (`--models sd2`: UNet + ControlNet + VAE) and of SeeSR's
 (`seesr`: the same plus image cross-attention and a Swin-L RAM); speed does not depend on weight
-values. LR `--lr-size`² -> SR 4x, 1 and 4 student steps with PSR. Rows, each pipeline built, measured
-and freed alone (its peak includes its own weights only):
+values. LR `--lr-size`² -> SR 4x, 1 and 4 student steps with PSR. Rows, run in this order whatever `--rows`
+lists, each pipeline built, measured and freed alone (its peak includes its own weights only):
 
 - `eager fp16` / `eager bf16`: the official pipeline's work, module by module, in plain diffusers calls
   (for SeeSR: RAM once for the tags and once per step for the representation, as the official code does).
 - `ours eager`: `AddSRPipeline.with_speed` with compile none and no CUDA graph.
 - `ours graph`: the whole sampler as one CUDA graph per (timesteps, size, batch), replayed.
-- `ours compiled`: `--compile-mode` (per module) under the whole-sampler CUDA graph (reduce-overhead: torch's graphs).
 - `ours graph + tiny PSR decoder`: the graph row with a small AutoencoderTiny for PSR's intermediate decodes.
+- `ours compiled`: `--compile-mode` (per module) under the whole-sampler CUDA graph (reduce-overhead:
+  torch's graphs). Last: its compile is the longest part (mode `default`: 135 s at SD2 size on an H200).
 
 Also: the first call's seconds (compile / capture time), a per-part breakdown of ours eager (one
 denoiser step, VAE decode, VAE encode, one tagger pass, one small-decoder pass), FLOPs of a 4-step
 call with the VAE and with the small decoder (`torch.utils.flop_counter`), and with `--tiled-lr` the
-peak memory of a tiled upscale (LR side -> 4x, `conf/upscale.yaml`'s tiling).
+peak memory of a tiled upscale (LR side -> 4x, `conf/upscale.yaml`'s tiling). `--json` is rewritten
+after every row and part, with `"complete": false` until the end, so a run stopped by a time limit keeps
+what it finished.
 
     python bench/inference.py --json out.json                      # CUDA, both models, every row
     python bench/inference.py --tiny                               # CPU smoke run (tiny presets)
@@ -55,7 +58,8 @@ MODELS = {
     "tiny": ("tiny", "fixed"),
     "tiny_seesr": ("tiny_seesr", "tiny_ram"),
 }
-ROWS = ("eager_fp16", "eager_bf16", "ours_eager", "ours_graph", "ours_compiled", "ours_graph_tiny_psr")
+# Run order: the baselines first (each ratio needs eager fp16), the compiled row last (the longest).
+ROWS = ("eager_fp16", "eager_bf16", "ours_eager", "ours_graph", "ours_graph_tiny_psr", "ours_compiled")
 # The small decoder's shape in these rows: TAESD's (conf/method/psr_decoder.yaml's architecture).
 PSR_DECODER_METHOD = "psr_decoder.yaml"
 
@@ -275,10 +279,11 @@ def speed_for(row: str, device: torch.device, compile_mode: str) -> SpeedSetting
     return SpeedSettings.from_dict(base)
 
 
-def bench_model(name: str, args, device: torch.device) -> dict:
-    """Every requested row at 1 and 4 steps, each pipeline alone; then breakdown, FLOPs and tiling."""
+def bench_model(name: str, args, device: torch.device, result: dict, save: Callable[[], None]) -> None:
+    """Every requested row at 1 and 4 steps, each pipeline alone; then breakdown, FLOPs and tiling.
+    Fills `result` in place and calls `save` after each row and part."""
     lr = torch.rand(1, 3, args.lr_size, args.lr_size, generator=torch.Generator().manual_seed(0)).to(device)
-    result: dict = {"rows": []}
+    result |= {"rows": [], "ratios": {}}
     # Built once on the CPU (random initialisation of SD2-sized models takes seconds); each row gets a copy.
     source, cond, timesteps, psr_weight = compose_model(name, args.cache_dir)
     for row in args.rows:
@@ -306,6 +311,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
                 args.iters,
             )
             result["rows"].append({"row": row, "steps": steps, **stats})
+            result["ratios"] = ratios(result["rows"])
+            save()
             print(f"{name:10s} {row:22s} {steps:5d} {stats['median_ms']:10.1f} {stats['best_ms']:9.1f} "
                   f"{stats['first_call_s']:8.1f} {_gib(stats['peak_gib'])}", flush=True)  # fmt: skip
         del runner
@@ -315,19 +322,20 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         parts, cond, timesteps, psr_weight, speed_for("ours_eager", device, "none"), device, tiny_psr=True
     )
     result["breakdown"] = breakdown(eager, lr, device, args.iters)
+    save()
     print(
         f"{name} breakdown (ours eager, ms): {json.dumps({k: round(v, 2) for k, v in result['breakdown'].items()})}"
     )
     if args.flops:
         result["flops"] = flops(eager, lr)
+        save()
         print(f"{name} FLOPs: {json.dumps({k: round(v, 3) for k, v in result['flops'].items()})}")
     if args.tiled_lr:
         result["tiled"] = tiled_peak(eager, args, device)
+        save()
         print(f"{name} tiled: {json.dumps(result['tiled'])}")
     del eager, parts, source
     free(device)
-    result["ratios"] = ratios(result["rows"])
-    return result
 
 
 def tiled_peak(pipeline: AddSRPipeline, args, device: torch.device) -> dict:
@@ -397,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in MODELS] + [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown models/rows {unknown}: models are {list(MODELS)}, rows {list(ROWS)}")
+    args.rows = [r for r in ROWS if r in args.rows]
     return args
 
 
@@ -435,12 +444,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{'model':10s} {'row':22s} {'steps':>5s} {'median ms':>10s} {'best ms':>9s} {'first s':>8s} {'peak GiB':>9s}"
     )
-    results = {"device": name, "lr_size": args.lr_size, "torch": torch.__version__, "models": {}}
+    results = {"device": name, "lr_size": args.lr_size, "torch": torch.__version__, "complete": False,
+               "models": {}}  # fmt: skip
+
+    def save() -> None:  # written whole and then renamed: a kill mid-write leaves the previous file
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            partial = args.json.with_suffix(".partial")
+            partial.write_text(json.dumps(results, indent=2))
+            partial.replace(args.json)
+
     for model in args.models:
-        results["models"][model] = bench_model(model, args, device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        bench_model(model, args, device, results["models"].setdefault(model, {}), save)
+    results["complete"] = True
+    save()
     return results
 
 
