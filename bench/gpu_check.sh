@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (about 9 minutes at most): writes $OUT/gpu_check.json and $OUT/gpu_check.md.
+# One command for a GPU machine: writes $OUT/gpu_check.json and $OUT/gpu_check.md.
 #
-#   bash bench/gpu_check.sh            # CUDA: SD2- and SeeSR-sized random weights, 512² and an 8192² tiled run
-#   bash bench/gpu_check.sh --smoke    # the same sections on the CPU with tiny presets (a test runs it)
+#   bash bench/gpu_check.sh            # CUDA, the default sections: at most 490 s (8 min 10 s), the sum of their limits
+#   SECTIONS="inference_sd2_compiled train_step_large" bash bench/gpu_check.sh   # what the default leaves out: at most 450 s
+#   bash bench/gpu_check.sh --smoke    # the default sections on the CPU with tiny presets (a test runs it)
 #
-# OUT defaults to outputs/gpu_check. Sections: nvidia-smi; inference (1 and 4 steps, ours vs the eager
-# fp16/bf16 baselines in the same process, per-part breakdown, FLOPs, compile/capture time, the tiled
-# run's peak); the degradation batched vs per sample; bench/train_step.py when present; graph breaks.
+# OUT defaults to outputs/gpu_check. Sections, each under its own time limit, in this order:
+#   inference_sd2           160 s  SD2-sized random weights, LR 128² -> SR 512², 1 and 4 steps: eager fp16 baseline,
+#                                  ours eager / CUDA graph / graph + small PSR decoder, per-part breakdown, then the
+#                                  2048² -> 8192² tiled run's peak (FLOPs: exact on the meta device, see the doc)
+#   inference_seesr         110 s  the same rows at SeeSR size (image attention, Swin-L RAM), breakdown and FLOPs
+#   degradation              20 s  batch 16 on CUDA vs its per-sample path
+#   train_step              130 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline
+#   graph_breaks             70 s  dynamo graph breaks of the tiny presets (CPU only; last, as it needs no GPU)
+# Not in the default (SECTIONS names them):
+#   inference_sd2_compiled  270 s  eager fp16 and ours compiled (mode default) at 4 steps, SD2 size
+#   train_step_large        180 s  ours at batch 4 and 8, no baseline
+# The limits come from the first run on an NVIDIA H200 (docs/gpu_runs/2026-11-30-h200/): degradation 10 s, graph
+# breaks about 60 s (then the first section, cold imports included), SeeSR inference 109 s with one row more, the
+# training bench about 160 s at batches 2 and 4 (building the models on the CPU is much of each), and the first
+# call of ours compiled 135 s at SD2 size.
+# inference_* rewrite their JSON after every row, so a section stopped by its limit keeps what it finished.
 # Packages the machine lacks are installed offline from .wheelhouse/ (`make wheelhouse` fills it).
 set -uo pipefail
 
@@ -14,10 +28,26 @@ SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+declare -A LIMIT=(
+  [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
+  [inference_sd2_compiled]=270 [train_step_large]=180
+)
+DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step graph_breaks"
+SECTIONS="${SECTIONS:-$DEFAULT_SECTIONS}"
+if [[ $SMOKE -eq 0 ]]; then
+  for name in $SECTIONS; do
+    if [[ -z "${LIMIT[$name]:-}" ]]; then
+      echo "SECTIONS: unknown section '$name'; known: ${!LIMIT[*]}" >&2
+      exit 2
+    fi
+  done
+fi
+
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-rm -f "$OUT"/{inference,inference_sd2,inference_seesr,degradation,train_step,graph_breaks,seconds}.json
+rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,graph_breaks,seconds}.json "$OUT"/*.partial
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 
@@ -44,11 +74,38 @@ section() {  # section NAME LIMIT_S COMMAND...: run under a time limit, record i
   if [[ $rc -ne 0 ]]; then echo "section $name exited $rc" >&2; FAILED=1; fi
 }
 
+gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NAME]
+  local name="$1" limit="${LIMIT[$1]}"
+  case "$name" in
+    inference_sd2)
+      section "$name" "$limit" "$PY" bench/inference.py --models sd2 \
+        --rows eager_fp16,ours_eager,ours_graph,ours_graph_tiny_psr --no-flops --tiled-lr 2048 --tiled-steps 1 \
+        --json "$OUT/$name.json" ;;
+    inference_seesr)
+      section "$name" "$limit" "$PY" bench/inference.py --models seesr \
+        --rows eager_fp16,ours_eager,ours_graph,ours_graph_tiny_psr --json "$OUT/$name.json" ;;
+    degradation)
+      section "$name" "$limit" "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/$name.json" ;;
+    train_step)
+      [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
+        --batch 2 --memory-cap 20 --json "$OUT/$name.json" ;;
+    graph_breaks)
+      section "$name" "$limit" "$PY" bench/gpu_check.py graph-breaks --json "$OUT/$name.json" ;;
+    inference_sd2_compiled)
+      section "$name" "$limit" "$PY" bench/inference.py --models sd2 --rows eager_fp16,ours_compiled \
+        --steps 4 --compile-mode default --no-flops --json "$OUT/$name.json" ;;
+    train_step_large)
+      [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
+        --batch 4,8 --no-baseline --memory-cap 20 --json "$OUT/$name.json" ;;
+  esac
+}
+
 if command -v nvidia-smi >/dev/null; then nvidia-smi | tee "$OUT/nvidia-smi.txt"; else echo "no nvidia-smi" | tee "$OUT/nvidia-smi.txt"; fi
 
 if [[ $SMOKE -eq 1 ]]; then
   # Generous limits: the smoke run proves the script works (about 4 minutes on 2 idle cores), a shared
-  # CPU can be several times slower; the GPU run's limits below are what keeps it within 9 minutes.
+  # CPU can be several times slower.
+  echo "smoke run: at most 2100 s (the sum of the section limits)"
   section graph_breaks 600 "$PY" bench/gpu_check.py graph-breaks --presets tiny_seesr --json "$OUT/graph_breaks.json"
   section inference 600 "$PY" bench/inference.py --tiny --models tiny_seesr \
     --rows eager_fp16,eager_bf16,ours_eager,ours_graph_tiny_psr --steps 1,2 --tiled-lr 16 --tiled-tile 4 \
@@ -58,19 +115,13 @@ if [[ $SMOKE -eq 1 ]]; then
     section train_step 600 "$PY" bench/train_step.py --tiny --json "$OUT/train_step.json"
   fi
 else
-  section graph_breaks 60 "$PY" bench/gpu_check.py graph-breaks --json "$OUT/graph_breaks.json"
-  section inference_sd2 240 "$PY" bench/inference.py --models sd2 --compile-mode default \
-    --tiled-lr 2048 --tiled-steps 1 --json "$OUT/inference_sd2.json"
-  section inference_seesr 120 "$PY" bench/inference.py --models seesr \
-    --rows eager_fp16,eager_bf16,ours_eager,ours_graph,ours_graph_tiny_psr --json "$OUT/inference_seesr.json"
-  section degradation 30 "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/degradation.json"
-  if [[ -f bench/train_step.py ]]; then
-    section train_step 90 "$PY" bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 \
-      --json "$OUT/train_step.json"
-  fi
+  total=0
+  for name in $SECTIONS; do total=$((total + LIMIT[$name])); done
+  echo "sections: $SECTIONS; at most ${total} s (the sum of their limits)"
+  for name in $SECTIONS; do gpu_section "$name"; done
 fi
 
-# inference: {"sd2": ..., "seesr": ...} from the runs that finished
+# inference: {"sd2": ..., "seesr": ...} from the runs that wrote their JSON (complete or not)
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
