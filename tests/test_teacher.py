@@ -133,3 +133,23 @@ def test_with_ema_the_export_holds_the_ema_weights(make_cfg):
     for name, _ in module.trainable():
         assert torch.equal(exported[name.removeprefix("controlnet.")], module.ema.shadow(name))
     assert not all(torch.equal(exported[n.removeprefix("controlnet.")], p) for n, p in module.trainable())
+
+
+def test_train_whole_unet_trains_and_exports_every_unet_weight(make_cfg):
+    cfg = make_cfg(["stage=teacher", *FAST, "trainer.max_steps=1", "method.train_whole_unet=true"])
+    fresh = TeacherModule(**to_dicts(cfg))
+    result = train(cfg)
+    module = result["module"]
+    trainable = {n for n, _ in module.trainable()}
+    assert trainable == {n for n, _ in module.denoiser.named_parameters()}
+    before = fresh.denoiser.unet.state_dict()
+    exported = type(module.denoiser.unet).from_pretrained(result["teacher"], subfolder="unet").state_dict()
+    moved = [k for k, v in exported.items() if not torch.equal(v, before[k])]
+    assert len(moved) > len(exported) // 2  # AdamW's first step moves every weight with a gradient
+    for name, value in module.denoiser.unet.state_dict().items():
+        assert torch.equal(exported[name], value)
+
+
+def test_train_whole_unet_must_be_a_boolean(make_cfg):
+    with pytest.raises(ConfigError, match="train_whole_unet"):
+        train(make_cfg(["stage=teacher", *FAST, "trainer.max_steps=1", "method.train_whole_unet=maybe"]))

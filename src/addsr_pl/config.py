@@ -421,6 +421,7 @@ SCHEMA: dict[str, Group] = {
     "method@teacher": Group(
         {
             "unet_trainable_modules": ListOf(Str()),
+            "train_whole_unet": Bool(),
             "timestep_range": ListOf(Int(0, 1000), length=2),
             "null_text_ratio": PROBABILITY,
             "conditioning_scale": Float(0),

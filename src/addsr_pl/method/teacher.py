@@ -34,11 +34,13 @@ TEACHER_PARTS = ("unet", "controlnet")
 
 
 def select_teacher_trainable(
-    unet: nn.Module, controlnet: nn.Module, unet_trainable_modules: list[str]
+    unet: nn.Module, controlnet: nn.Module, unet_trainable_modules: list[str], train_whole_unet: bool = False
 ) -> None:
     """SeeSR's trainable set: the whole ControlNet plus the UNet modules whose names end with one of
-    `unet_trainable_modules` (SeeSR: `image_attentions`; a plain SD2 UNet has none)."""
-    unet.requires_grad_(False)
+    `unet_trainable_modules` (SeeSR: `image_attentions`; a plain SD2 UNet has none). With
+    `train_whole_unet` every UNet weight trains too: a randomly initialised UNet (the tiny presets) has
+    no pretrained prior worth keeping frozen."""
+    unet.requires_grad_(train_whole_unet)
     controlnet.requires_grad_(True)
     suffixes = tuple(unet_trainable_modules)
     for name, module in unet.named_modules():
@@ -82,7 +84,12 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         self.denoiser = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
         self.codec.requires_grad_(False).eval()
         self.conditioner.requires_grad_(False).eval()
-        select_teacher_trainable(components.unet, components.controlnet, method["unet_trainable_modules"])
+        select_teacher_trainable(
+            components.unet,
+            components.controlnet,
+            method["unet_trainable_modules"],
+            method["train_whole_unet"],
+        )
         self.ema = EMA(dict(self.trainable()), method["ema_decay"]) if method["ema_decay"] else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.micro_step = 0
@@ -232,7 +239,14 @@ def export_teacher(module: TeacherModule, out_dir: str | Path) -> Path:
 def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
     """Start-up checks of a teacher-stage config, naming key, value and what is allowed."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    required = ("unet_trainable_modules", "timestep_range", "null_text_ratio", "optimizer", "val_timesteps")
+    required = (
+        "unet_trainable_modules",
+        "train_whole_unet",
+        "timestep_range",
+        "null_text_ratio",
+        "optimizer",
+        "val_timesteps",
+    )
     missing = [k for k in required if k not in method]
     if missing:
         raise ConfigError(
