@@ -1,5 +1,5 @@
 """`recipe: official | paper` and the settings it switches: G/D order, EMA cadence, prompts, the
-discriminator's condition gain, Eq. 1/4 precision, the refusal of v-prediction models."""
+discriminator's condition gain, Eq. 1/4 precision, the refusal of sample-prediction models."""
 
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def test_eq1_and_eq4_run_in_fp32_under_bf16_inputs_and_autocast():
     assert double.dtype == torch.float64
 
 
-def test_v_prediction_models_are_refused_at_start_up(make_cfg):
-    cfg = make_cfg(["model.components.scheduler.prediction_type=v_prediction"])
-    with pytest.raises(ValueError, match="epsilon-prediction.*v_prediction"):
+def test_sample_prediction_models_are_refused_at_start_up(make_cfg):
+    cfg = make_cfg(["model.components.scheduler.prediction_type=sample"])
+    with pytest.raises(ValueError, match="epsilon- or v-prediction model.*'sample'.*epsilon, v_prediction"):
         AddSRModule(**to_dicts(cfg))
 
 

@@ -33,23 +33,47 @@ def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     return alpha_bar.sqrt() * z0.to(dtype) + (1 - alpha_bar).sqrt() * noise.to(dtype)
 
 
-def predict_x0(z_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Eq. 4: x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), with a timestep per sample, in
-    fp32 (or wider) whatever the inputs' dtype or autocast."""
+# What the UNet predicts (the scheduler config's `prediction_type`): SD2-base predicts the noise, SD2-768
+# (and models trained that way) the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def predict_x0(
+    z_t: Tensor, prediction: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str = "epsilon"
+) -> Tensor:
+    """x0 from the UNet's prediction, with a timestep per sample, in fp32 (or wider) whatever the inputs'
+    dtype or autocast. Epsilon: Eq. 4, x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t). v:
+    x0 = sqrt(alpha_bar_t) z_t - sqrt(1 - alpha_bar_t) v, which does not divide the prediction's error by
+    sqrt(alpha_bar_t) (about 0.07 at t = 999)."""
     dtype = _exact_dtype(z_t)
     alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
-    return (z_t.to(dtype) - (1 - alpha_bar).sqrt() * eps.to(dtype)) / alpha_bar.sqrt()
+    z_t, prediction = z_t.to(dtype), prediction.to(dtype)
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * z_t - (1 - alpha_bar).sqrt() * prediction
+    return (z_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
 
 
-def require_epsilon_prediction(scheduler, stage: str) -> None:
-    """Eq. 4 assumes the UNet predicts the noise; refuse v- or sample-prediction models at start-up."""
+def prediction_target(
+    z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str = "epsilon"
+) -> Tensor:
+    """What the UNet should predict for z_t = add_noise(z0, noise, t): the noise (Eq. 2) or v, in fp32."""
+    dtype = _exact_dtype(z0)
+    if prediction_type == "v_prediction":
+        alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(dtype)
+        return alpha_bar.sqrt() * noise.to(dtype) - (1 - alpha_bar).sqrt() * z0.to(dtype)
+    return noise.to(dtype)
+
+
+def require_supported_prediction(scheduler, stage: str) -> str:
+    """The scheduler's prediction type when the maths here covers it (epsilon or v); a clear error if not."""
     prediction = scheduler.config.prediction_type
-    if prediction != "epsilon":
+    if prediction not in PREDICTION_TYPES:
         raise ValueError(
-            f"The {stage} stage needs an epsilon-prediction model (Eq. 4), but the scheduler's "
-            f"prediction_type is {prediction!r}. Use SD2-base (not the 768-v SD2) or set "
-            f"model.components.scheduler.prediction_type to epsilon for a model trained that way."
+            f"The {stage} stage needs an epsilon- or v-prediction model, but the scheduler's prediction_type "
+            f"is {prediction!r}. Set model.components.scheduler.prediction_type to what the UNet was trained "
+            f"for: one of {', '.join(PREDICTION_TYPES)}."
         )
+    return prediction
 
 
 def upscale(lr: Tensor, size: tuple[int, int]) -> Tensor:
@@ -63,7 +87,7 @@ def psr_control(x0_image: Tensor, lr_up: Tensor, psr_weight: float) -> Tensor:
 
 
 class Denoiser(nn.Module):
-    """UNet + ControlNet predicting epsilon from (z_t, t, control image in [0, 1], conditioning).
+    """UNet + ControlNet predicting epsilon (or v) from (z_t, t, control image in [0, 1], conditioning).
 
     SeeSR-style models (config flag `use_image_cross_attention`) also receive the representation
     as `image_encoder_hidden_states`.
@@ -103,13 +127,14 @@ class Denoiser(nn.Module):
 
 @dataclass
 class StudentStep:
-    """One student step: what went in (z_t, t, control image) and what came out (eps, x0)."""
+    """One student step: what went in (z_t, t, control image) and what came out (the UNet's
+    prediction, x0)."""
 
     timestep: Tensor  # [B]
     control_image: Tensor  # [B, 3, H, W] in [0, 1]: what the ControlNet saw
     z_t: Tensor
-    eps: Tensor
-    x0_latent: Tensor  # Eq. 4
+    prediction: Tensor  # eps or v, as the model's prediction_type says
+    x0_latent: Tensor  # Eq. 4 (or its v form)
     x0_image: Tensor | None  # decoded and clamped to [0, 1]; None where nothing needed it
 
 
@@ -131,6 +156,7 @@ def sample_student(
     decode_last: bool = True,
     first_representation: Tensor | None = None,
     psr_decoder=None,
+    prediction_type: str = "epsilon",
 ) -> list[StudentStep]:
     """Run len(timesteps) student steps.
 
@@ -155,6 +181,7 @@ def sample_student(
         psr_decoder: what decodes the intermediate x0s that only feed the next step's control image
             (anything with `decode(latents) -> [0, 1] image`, e.g. a small distilled decoder); None:
             `codec`. The last step's image always comes from `codec`.
+        prediction_type: what the denoiser predicts, `epsilon` or `v_prediction` (`predict_x0`).
     """
     batch = start_latent.shape[0]
     if timesteps.ndim == 1:
@@ -175,12 +202,12 @@ def sample_student(
             conditioning = Conditioning(
                 text_embeds, represent(control) if representation is None else representation
             )
-            eps = denoiser(z_t, t, control, conditioning)
-            x0_latent = predict_x0(z_t, eps, t, alphas_cumprod)
+            prediction = denoiser(z_t, t, control, conditioning)
+            x0_latent = predict_x0(z_t, prediction, t, alphas_cumprod, prediction_type)
             decoder = codec if last or psr_decoder is None else psr_decoder
             needs_image = (psr and not last) or (last and decode_last)
             x0_image = decoder.decode(x0_latent).clamp(0, 1) if needs_image else None
-        steps.append(StudentStep(t, control, z_t, eps, x0_latent, x0_image))
+        steps.append(StudentStep(t, control, z_t, prediction, x0_latent, x0_image))
         if last:
             break
         if psr:

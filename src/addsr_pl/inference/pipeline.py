@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
+from addsr_pl.core.sampler import (
+    Denoiser,
+    StudentStep,
+    require_supported_prediction,
+    sample_student,
+    upscale,
+)
 from addsr_pl.core.student_format import FORMAT, MANIFEST
 from addsr_pl.inference.speed import (
     SamplerGraphs,
@@ -44,6 +50,7 @@ class AddSRPipeline:
         psr_decoder: a small decoder for the intermediate x0s that only feed the next step's control
             image (`models.psr_decoder`); None decodes them with the VAE.
         speed_defaults: the speed settings this student was exported with (`SpeedSettings` keys).
+        prediction_type: what the UNet predicts, `epsilon` or `v_prediction` (its scheduler's config).
 
     `run` returns every step (eager; validation reads them all); calling the pipeline returns the
     final image through the whole-sampler path that `with_speed` sets up (compiled and/or a CUDA
@@ -62,6 +69,7 @@ class AddSRPipeline:
         scale: int,
         psr_decoder: torch.nn.Module | None = None,
         speed_defaults: dict | None = None,
+        prediction_type: str = "epsilon",
     ):
         self.denoiser = denoiser
         self.codec = codec
@@ -78,6 +86,7 @@ class AddSRPipeline:
         self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
         self.psr_decoder = psr_decoder
         self.speed_defaults = speed_defaults
+        self.prediction_type = prediction_type
         self.speed: SpeedSettings | None = None  # set by `with_speed`; None: plain eager
         self._compiled = None
         self._graphs: SamplerGraphs | None = None
@@ -211,6 +220,7 @@ class AddSRPipeline:
             psr_weight=psr_weight,
             first_representation=representation,
             psr_decoder=self._decoder(psr_decoder),
+            prediction_type=self.prediction_type,
         )
 
     def final_image(self, inputs: list, constants: tuple) -> Tensor:
@@ -372,5 +382,6 @@ class AddSRPipeline:
             manifest["scale"],
             psr_decoder=psr_decoder,
             speed_defaults=manifest.get("speed"),
+            prediction_type=require_supported_prediction(parts["scheduler"], "student"),
         )
         return pipeline.to(device, dtype)

@@ -17,7 +17,7 @@ from addsr_pl.core.sampler import (
     StudentStep,
     add_noise,
     predict_x0,
-    require_epsilon_prediction,
+    require_supported_prediction,
     sample_student,
     upscale,
 )
@@ -106,7 +106,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
-        require_epsilon_prediction(components.scheduler, "AddSR")
+        self.prediction_type = require_supported_prediction(components.scheduler, "AddSR")
         self.scheduler = components.scheduler
         self.component_sources = components.sources
         self.register_buffer(
@@ -237,6 +237,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             reference_latent=hr_latent if m["unroll_renoise"] == "hr" else None,
             grad_last=True,
             decode_last=True,
+            prediction_type=self.prediction_type,
         )
         return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank, start)
 
@@ -267,8 +268,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             else unroll.text_embeds
         )
         conditioning = Conditioning(text, self.conditioner.represent(prompt_source)).repeat(n)
-        eps = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
-        x0_teacher = predict_x0(z_t, eps, t, self.alphas_cumprod)
+        prediction = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
+        x0_teacher = predict_x0(z_t, prediction, t, self.alphas_cumprod, self.prediction_type)
         if m["distill_space"] == "pixel":
             chunk = m["memory"]["teacher_decode_chunk"]
             x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)

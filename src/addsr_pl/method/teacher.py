@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from addsr_pl.config import ConfigError, _choice, validate_weights
-from addsr_pl.core.sampler import Denoiser, add_noise, upscale
+from addsr_pl.core.sampler import (
+    Denoiser,
+    add_noise,
+    prediction_target,
+    require_supported_prediction,
+    upscale,
+)
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
@@ -69,11 +75,7 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             components = instantiate(model["components"], _convert_="all")
-        if components.scheduler.config.prediction_type != "epsilon":
-            raise ValueError(
-                f"The teacher stage trains epsilon prediction (Eq. 2); the scheduler predicts "
-                f"{components.scheduler.config.prediction_type!r}. Use an epsilon-prediction model (SD2-base)."
-            )
+        self.prediction_type = require_supported_prediction(components.scheduler, "teacher")
         self.register_buffer(
             "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
         )
@@ -122,7 +124,8 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
 
     # ----------------------------------------------------------------- Eq. 2
     def diffusion_loss(self, hr: Tensor, lr: Tensor, t: Tensor, noise: Tensor, blank: Tensor) -> Tensor:
-        """Per-sample ||eps - eps_theta(z_t, t, LR)||^2, averaged over the latent.
+        """Per-sample ||eps - eps_theta(z_t, t, LR)||^2 (Eq. 2), averaged over the latent; for a
+        v-prediction model the same with v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z0 as target.
 
         z_t noises the HR latent (Eq. 1); the control image is the upscaled LR, and the prompt and
         representation are computed from it; `blank` samples get the empty prompt.
@@ -134,8 +137,9 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         conditioning = Conditioning(
             self.conditioner.text_embeds(lr_up, blank), self.conditioner.represent(lr_up)
         )
-        eps = self.denoiser(z_t, t, lr_up, conditioning)
-        return F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        prediction = self.denoiser(z_t, t, lr_up, conditioning)
+        target = prediction_target(z0, noise, t, self.alphas_cumprod, self.prediction_type)
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         hr, lr = batch["hr"], batch["lr"]
