@@ -92,7 +92,8 @@ def teacher_pipeline(teacher_dir: Path, student_dir: Path, steps: int) -> AddSRP
                         cls_cn.from_pretrained(teacher_dir, subfolder="controlnet")).eval()  # fmt: skip
     timesteps = torch.linspace(999, 0, steps + 1)[:-1].round().long().tolist()
     return AddSRPipeline(denoiser, student.codec, student.conditioner, student.alphas_cumprod, timesteps,
-                         psr=False, psr_weight=0.0, scale=student.scale)  # fmt: skip
+                         psr=False, psr_weight=0.0, scale=student.scale,
+                         prediction_type=student.prediction_type)  # fmt: skip
 
 
 def render(pipeline: AddSRPipeline, names: list[str], crop: int, folder: Path, seed: int) -> float:
@@ -273,14 +274,15 @@ def verdict(means: dict[str, dict[str, float]], vae_psnr: float) -> str:
         )
     return (
         f"At this size the student does not beat bicubic on PSNR: its best, {best}, reaches "
-        f"{students[best]:.2f} dB against bicubic's {bicubic:.2f} dB. Two reasons, both of size: the tiny "
-        "teacher's noise prediction is still far from exact after a few hundred CPU iterations (see its loss "
-        "curve), and at the high timesteps the student starts from, Eq. 4 divides that prediction's error by "
-        "sqrt(alpha_bar_t) (about 0.07 at t = 999), so the decoded x0 is dominated by it; and everything is "
-        f"decoded by the tiny VAE, whose own reconstruction of the held-out HR images reaches {vae_psnr:.2f} dB "
-        "(an upper bound for any method decoded by it). The same code with SD2, SeeSR and the paper's data is "
-        "the real setting. `bench/one_step_bound.py` measures how far a tiny 1-step model gets even with a "
-        "lossless codec and the true HR as its target (docs/benchmarks.md, 'The demo's PSNR checks')."
+        f"{students[best]:.2f} dB against bicubic's {bicubic:.2f} dB. Everything is decoded by the tiny VAE, "
+        f"whose own reconstruction of the held-out HR images reaches {vae_psnr:.2f} dB: an upper bound for "
+        "any method decoded by it, far below bicubic because 4 latent channels per 8 x 8 pixels cannot hold a "
+        "photo's detail. Below that bound, the tiny teacher and student train for minutes on a CPU. The "
+        "demo's models predict v by default (`model_overrides` in conf/demo.yaml); with SD2-base's epsilon, Eq. 4 "
+        "multiplies the prediction's error by about 14.7 at t = 999 and the same student stays near 11 dB. "
+        "The same code with SD2, SeeSR and the paper's data is the real setting. `bench/one_step_bound.py` "
+        "measures how far a tiny 1-step model gets even with a lossless codec and the true HR as its target "
+        "(docs/benchmarks.md, 'The demo's PSNR checks')."
     )
 
 
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     figures.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base = ["model=tiny", "data=sample", "trainer=cpu", "logger=csv", f"seed={settings.seed}",
-            f"data.crop_size={settings.crop_size}", f"paths.cache_dir={out / 'cache'}"]  # fmt: skip
+            f"data.crop_size={settings.crop_size}", f"paths.cache_dir={out / 'cache'}", *settings.model_overrides]  # fmt: skip
 
     print("[1/6] fitting the tiny VAE")
     vae_dir, vae_psnr = fit_vae(settings.vae, out / "vae_fit", settings.seed, base)
