@@ -58,9 +58,9 @@ def test_eq1_and_eq4_run_in_fp32_under_bf16_inputs_and_autocast():
     assert double.dtype == torch.float64
 
 
-def test_sample_prediction_models_are_refused_at_start_up(make_cfg):
-    cfg = make_cfg(["model.components.scheduler.prediction_type=sample"])
-    with pytest.raises(ValueError, match="epsilon- or v-prediction model.*'sample'.*epsilon, v_prediction"):
+def test_an_unknown_prediction_type_is_refused_at_start_up(make_cfg):
+    cfg = make_cfg(["model.components.scheduler.prediction_type=flow"])
+    with pytest.raises(ValueError, match="'flow'.*epsilon, v_prediction, sample"):
         AddSRModule(**to_dicts(cfg))
 
 

@@ -17,7 +17,7 @@ FAST = ["data.crop_size=32", "data.batch_size=2", "trainer.limit_val_batches=0",
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_x0_from_the_exact_target_is_the_clean_latent(prediction_type):
     gen = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)

@@ -320,7 +320,8 @@ OPTIMIZER = Target(lr=Float(0, open_low=True), weight_decay=Float(0), eps=Float(
 LR_SCHEDULER = Target()
 DATASET = Optional(Target(names=ListOf(Str()), crop_size=POSITIVE, flip=Bool(), repeats=POSITIVE, seed=Int(),
                           scale=POSITIVE, root=Str(), recursive=Bool(), file_list=PATH, first_n=Optional(POSITIVE),
-                          lr_subdir=Str(), hr_subdir=Str(), parts=ANY))  # fmt: skip
+                          lr_subdir=Str(), hr_subdir=Str(), parts=ANY, pages=POSITIVE, page_size=POSITIVE,
+                          seeds=ListOf(NONNEGATIVE), font_sizes=ListOf(POSITIVE, length=2)))  # fmt: skip
 TAGGER = Optional(Target(dtype=Choice("float32", "bfloat16", "float16"), threshold=Float(0, 1), top_k=POSITIVE,
                          antialias=Bool(), interpolation=Choice("bicubic", "bilinear", "nearest", "area"),
                          image_mean=ListOf(Float(), length=3), image_std=ListOf(Float(0, open_low=True), length=3),
@@ -469,6 +470,7 @@ SCHEMA: dict[str, Group] = {
                 unet_path=PATH,
                 controlnet_path=PATH,
                 vae_path=PATH,
+                codec=Choice("vae", "pixel_unshuffle"),
                 init_seed=Int(),
                 cache_dir=Str(),
                 tokenizer_max_length=POSITIVE,

@@ -33,9 +33,10 @@ def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     return alpha_bar.sqrt() * z0.to(dtype) + (1 - alpha_bar).sqrt() * noise.to(dtype)
 
 
-# What the UNet predicts (the scheduler config's `prediction_type`): SD2-base predicts the noise, SD2-768
-# (and models trained that way) the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+# What the UNet predicts (the scheduler config's `prediction_type`, diffusers' three): SD2-base predicts
+# the noise, SD2-768 (and models trained that way) the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0,
+# and a `sample` model x0 itself.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def predict_x0(
@@ -44,10 +45,12 @@ def predict_x0(
     """x0 from the UNet's prediction, with a timestep per sample, in fp32 (or wider) whatever the inputs'
     dtype or autocast. Epsilon: Eq. 4, x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t). v:
     x0 = sqrt(alpha_bar_t) z_t - sqrt(1 - alpha_bar_t) v, which does not divide the prediction's error by
-    sqrt(alpha_bar_t) (about 0.07 at t = 999)."""
+    sqrt(alpha_bar_t) (about 0.07 at t = 999). Sample: the prediction is x0."""
     dtype = _exact_dtype(z_t)
     alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
     z_t, prediction = z_t.to(dtype), prediction.to(dtype)
+    if prediction_type == "sample":
+        return prediction
     if prediction_type == "v_prediction":
         return alpha_bar.sqrt() * z_t - (1 - alpha_bar).sqrt() * prediction
     return (z_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
@@ -56,8 +59,10 @@ def predict_x0(
 def prediction_target(
     z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str = "epsilon"
 ) -> Tensor:
-    """What the UNet should predict for z_t = add_noise(z0, noise, t): the noise (Eq. 2) or v, in fp32."""
+    """What the UNet should predict for z_t = add_noise(z0, noise, t): the noise (Eq. 2), v or x0, in fp32."""
     dtype = _exact_dtype(z0)
+    if prediction_type == "sample":
+        return z0.to(dtype)
     if prediction_type == "v_prediction":
         alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(dtype)
         return alpha_bar.sqrt() * noise.to(dtype) - (1 - alpha_bar).sqrt() * z0.to(dtype)
@@ -65,15 +70,25 @@ def prediction_target(
 
 
 def require_supported_prediction(scheduler, stage: str) -> str:
-    """The scheduler's prediction type when the maths here covers it (epsilon or v); a clear error if not."""
+    """The scheduler's prediction type when the maths here covers it (epsilon, v or x0); a clear error if not."""
     prediction = scheduler.config.prediction_type
     if prediction not in PREDICTION_TYPES:
         raise ValueError(
-            f"The {stage} stage needs an epsilon- or v-prediction model, but the scheduler's prediction_type "
+            f"The {stage} stage needs an epsilon-, v- or sample-prediction model, but the scheduler's prediction_type "
             f"is {prediction!r}. Set model.components.scheduler.prediction_type to what the UNet was trained "
             f"for: one of {', '.join(PREDICTION_TYPES)}."
         )
     return prediction
+
+
+RENOISE = ("fresh", "ddim")
+
+
+def implied_noise(z_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """The noise that takes x0 to z_t at t: (z_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), in fp32."""
+    dtype = _exact_dtype(z_t)
+    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
+    return (z_t.to(dtype) - alpha_bar.sqrt() * x0.to(dtype)) / (1 - alpha_bar).sqrt()
 
 
 def upscale(lr: Tensor, size: tuple[int, int]) -> Tensor:
@@ -133,7 +148,7 @@ class StudentStep:
     timestep: Tensor  # [B]
     control_image: Tensor  # [B, 3, H, W] in [0, 1]: what the ControlNet saw
     z_t: Tensor
-    prediction: Tensor  # eps or v, as the model's prediction_type says
+    prediction: Tensor  # eps, v or x0, as the model's prediction_type says
     x0_latent: Tensor  # Eq. 4 (or its v form)
     x0_image: Tensor | None  # decoded and clamped to [0, 1]; None where nothing needed it
 
@@ -157,6 +172,7 @@ def sample_student(
     first_representation: Tensor | None = None,
     psr_decoder=None,
     prediction_type: str = "epsilon",
+    renoise: str = "fresh",
 ) -> list[StudentStep]:
     """Run len(timesteps) student steps.
 
@@ -181,8 +197,15 @@ def sample_student(
         psr_decoder: what decodes the intermediate x0s that only feed the next step's control image
             (anything with `decode(latents) -> [0, 1] image`, e.g. a small distilled decoder); None:
             `codec`. The last step's image always comes from `codec`.
-        prediction_type: what the denoiser predicts, `epsilon` or `v_prediction` (`predict_x0`).
+        prediction_type: what the denoiser predicts, `epsilon`, `v_prediction` or `sample` (`predict_x0`).
+        renoise: how step i > 1 noises its base latent. `fresh` (ADD's sampler, the student's): with
+            `noises[i]`. `ddim`: with the noise the previous step's prediction implies,
+            (z_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), which makes the steps DDIM's
+            deterministic (eta = 0) sampler, the usual way to sample a diffusion teacher with many steps;
+            `noises[i]` for i > 0 are then unused.
     """
+    if renoise not in RENOISE:
+        raise ValueError(f"renoise = {renoise!r}: must be one of {', '.join(RENOISE)}")
     batch = start_latent.shape[0]
     if timesteps.ndim == 1:
         timesteps = timesteps.unsqueeze(0).expand(batch, -1)
@@ -213,5 +236,6 @@ def sample_student(
         if psr:
             control = psr_control(x0_image, lr_up, psr_weight)
         base = x0_latent if reference_latent is None else reference_latent
-        z_t = add_noise(base, noises[i + 1], timesteps[:, i + 1], alphas_cumprod)
+        noise = noises[i + 1] if renoise == "fresh" else implied_noise(z_t, x0_latent, t, alphas_cumprod)
+        z_t = add_noise(base, noise.detach(), timesteps[:, i + 1], alphas_cumprod)
     return steps

@@ -50,7 +50,9 @@ class AddSRPipeline:
         psr_decoder: a small decoder for the intermediate x0s that only feed the next step's control
             image (`models.psr_decoder`); None decodes them with the VAE.
         speed_defaults: the speed settings this student was exported with (`SpeedSettings` keys).
-        prediction_type: what the UNet predicts, `epsilon` or `v_prediction` (its scheduler's config).
+        prediction_type: what the UNet predicts, `epsilon`, `v_prediction` or `sample` (its scheduler's config).
+        renoise: how steps after the first are noised (`sample_student`): `fresh` noise, as the AddSR
+            student samples, or `ddim`, the deterministic sampler for a diffusion teacher's many steps.
 
     `run` returns every step (eager; validation reads them all); calling the pipeline returns the
     final image through the whole-sampler path that `with_speed` sets up (compiled and/or a CUDA
@@ -70,6 +72,7 @@ class AddSRPipeline:
         psr_decoder: torch.nn.Module | None = None,
         speed_defaults: dict | None = None,
         prediction_type: str = "epsilon",
+        renoise: str = "fresh",
     ):
         self.denoiser = denoiser
         self.codec = codec
@@ -82,11 +85,12 @@ class AddSRPipeline:
         # Output sizes are padded to a multiple of this: the VAE factor times the UNet's downsampling.
         self.unet_downsampling = 2 ** (len(denoiser.unet.config.block_out_channels) - 1)
         self.size_multiple = codec.scale_factor * self.unet_downsampling
-        self.latent_channels = codec.vae.config.latent_channels
+        self.latent_channels = codec.latent_channels
         self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
         self.psr_decoder = psr_decoder
         self.speed_defaults = speed_defaults
         self.prediction_type = prediction_type
+        self.renoise = renoise
         self.speed: SpeedSettings | None = None  # set by `with_speed`; None: plain eager
         self._compiled = None
         self._graphs: SamplerGraphs | None = None
@@ -106,7 +110,8 @@ class AddSRPipeline:
             height,
             width,
             scale_factor=self.codec.scale_factor,
-            vae_tile_size=tiling["vae_tile_size"],
+            # a lossless codec works block by block: it never needs tiles
+            vae_tile_size=None if self.codec.lossless else tiling["vae_tile_size"],
             vae_overlap=tiling["vae_overlap"],
             latent_tile_size=tiling["latent_tile_size"],
             latent_overlap=tiling["latent_overlap"],
@@ -221,6 +226,7 @@ class AddSRPipeline:
             first_representation=representation,
             psr_decoder=self._decoder(psr_decoder),
             prediction_type=self.prediction_type,
+            renoise=self.renoise,
         )
 
     def final_image(self, inputs: list, constants: tuple) -> Tensor:

@@ -323,7 +323,7 @@ class TiledVaeCodec(nn.Module):
         if vae.quant_conv is not None:
             moments = vae.quant_conv(moments)
         mean = moments.chunk(2, dim=1)[0]  # the posterior mean, as VaeCodec.encode
-        return (mean * self.scaling_factor).to(self._out_device(images))
+        return ((mean - self.codec.shift_factor) * self.scaling_factor).to(self._out_device(images))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -336,7 +336,7 @@ class TiledVaeCodec(nn.Module):
         with self._decoder_stats.recording():
             self.codec.decode(self._scaled_down(latents, 1).to(device))
         decoder = vae.decoder
-        z = latents.to(device, dtype) / self.scaling_factor
+        z = latents.to(device, dtype) / self.scaling_factor + self.codec.shift_factor
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         hidden = decoder.mid_block(decoder.conv_in(z), None)

@@ -136,7 +136,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
         if memory["gradient_checkpointing"]:
             enable_gradient_checkpointing(self.student.unet, self.student.controlnet)
-        if memory["vae_gradient_checkpointing"]:
+        if (
+            memory["vae_gradient_checkpointing"] and not self.codec.lossless
+        ):  # a lossless codec stores nothing
             enable_gradient_checkpointing(self.codec.vae)
         self.ema = EMA(
             dict(self.student_trainable()), method["ema_decay"], memory["ema_placement"], memory["ema_dtype"]

@@ -54,7 +54,7 @@ class PsrDecoderModule(TrainedStateCheckpoint, pl.LightningModule):
             a = method["architecture"]
             autoencoder = build_tiny_autoencoder(
                 self.codec.scale_factor,
-                components.vae.config.latent_channels,
+                self.codec.latent_channels,
                 a["channels"],
                 a["blocks_per_stage"],
             )

@@ -147,7 +147,7 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         g_cpu, g_dev = self.generators(self.global_rank, self.micro_step)
         low, high = self.method["timestep_range"]
         t = torch.randint(low, high, (b,), generator=g_dev, device=self.device)
-        latent_shape = (b, self.codec.vae.config.latent_channels, *self.latent_size(hr))
+        latent_shape = (b, self.codec.latent_channels, *self.latent_size(hr))
         noise = torch.randn(latent_shape, generator=g_dev, device=self.device)
         blank = torch.rand(b, generator=g_cpu) < self.method["null_text_ratio"]
         loss = self.diffusion_loss(hr, lr, t, noise, blank).mean()
@@ -183,7 +183,7 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         b = hr.shape[0]
         _, g_dev = self.generators(batch_idx)
         noise = torch.randn(
-            (b, self.codec.vae.config.latent_channels, *self.latent_size(hr)),
+            (b, self.codec.latent_channels, *self.latent_size(hr)),
             generator=g_dev,
             device=self.device,
         )

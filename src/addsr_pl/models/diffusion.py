@@ -182,8 +182,13 @@ def build_tiny_components(
     unet_path: str | None = None,
     controlnet_path: str | None = None,
     vae_path: str | None = None,
+    codec: str = "vae",
 ) -> DiffusionComponents:
     """Random-initialised SD-shaped components from small config dicts (CPU, seconds).
+
+    `codec`: "vae" builds `AutoencoderKL(**vae)`; "pixel_unshuffle" a lossless `PixelUnshuffleCodec`
+    with the same factor (2 per VAE block after the first) and `vae`'s in_channels and scaling_factor,
+    whose latents have in_channels x factor**2 channels: the UNet's in and out channels must match.
 
     A fresh ControlNet's zero convolutions make it a no-op that passes no gradient to its inner
     layers; `zero_conv_std > 0` draws them from N(0, std) so a random tiny teacher uses its control
@@ -216,7 +221,7 @@ def build_tiny_components(
     components = DiffusionComponents(
         unet=unet_model,
         controlnet=controlnet_model,
-        vae=AutoencoderKL(**vae),
+        vae=tiny_codec(codec, vae, unet),
         text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer,
         scheduler=DDPMScheduler(**scheduler),
@@ -225,6 +230,29 @@ def build_tiny_components(
         },
     )
     return swap_in_folders(components, unet=unet_path, controlnet=controlnet_path, vae=vae_path)
+
+
+CODECS = ("vae", "pixel_unshuffle")
+
+
+def tiny_codec(codec: str, vae: dict, unet: dict) -> nn.Module:
+    """The tiny preset's codec (`model.components.codec`): its VAE, or the lossless pixel-unshuffle codec."""
+    if codec == "vae":
+        return AutoencoderKL(**vae)
+    if codec != "pixel_unshuffle":
+        raise ValueError(f"model.components.codec = {codec!r}: must be one of {', '.join(CODECS)}.")
+    from addsr_pl.models.vae import PixelUnshuffleCodec
+
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    model = PixelUnshuffleCodec(vae["in_channels"], factor, vae["scaling_factor"])
+    for key in ("in_channels", "out_channels"):
+        if unet[key] != model.latent_channels:
+            raise ValueError(
+                f"model.components.unet.{key} = {unet[key]}, but the pixel_unshuffle codec's latents have "
+                f"{model.latent_channels} channels ({vae['in_channels']} x {factor}^2): set "
+                f"model.components.unet.{key}={model.latent_channels}."
+            )
+    return model
 
 
 def swap_in_folders(components: DiffusionComponents, **folders: str | None) -> DiffusionComponents:
