@@ -4,7 +4,8 @@ A 1-step AddSR student predicts the HR latent from (z_999, the upscaled LR) in o
 call. Distillation gives it the teacher's prediction as target; here it gets the true HR latent instead,
 which no distilled student can beat. Everything else is the tiny preset's: its UNet and ControlNet
 layout (`conf/model/tiny.yaml`, widths from `--widths`), SD2-base's noise schedule, the demo's
-training photos and held-out pairs (`conf/data/sample.yaml`, `conf/demo.yaml`). The codec is lossless
+training and held-out pages (`conf/data/documents.yaml`, `conf/demo.yaml`), or with `--data sample` the
+bundled photos and the held-out crops of `conf/eval.yaml`. The codec is lossless
 (pixel-unshuffle by `--factor`, scaled to unit variance as SD's VAE latents are), so the VAE's own
 ceiling does not enter. Two parameterisations of the UNet's output:
 
@@ -28,10 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from addsr_pl.core.sampler import add_noise, predict_x0, upscale
-from addsr_pl.data.datasets import SampleDataset, SamplePairedDataset
 from addsr_pl.data.degradation import BicubicDegradation
 from addsr_pl.paths import config_dir
 
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250, help="iterations between held-out scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", choices=["documents", "sample"], default="documents",
+                        help="documents: the demo's rendered pages and held-out pages (conf/demo.yaml); sample: "
+                        "the bundled photos and the held-out crops of conf/eval.yaml (chelsea, rocket, coffee)")  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -84,13 +88,17 @@ def main() -> None:
         args.factor, [int(w) for w in args.widths.split(",")], args.crop
     )
     params = [*unet.parameters(), *controlnet.parameters()]
-    sample = OmegaConf.load(config_dir() / "data" / "sample.yaml")
-    demo = OmegaConf.load(config_dir() / "demo.yaml").evaluation
-    train = SampleDataset(list(sample.train.names), args.crop, flip=True, repeats=10_000, seed=args.seed)
+    data = OmegaConf.load(config_dir() / "data" / f"{args.data}.yaml")
+    train_cfg = OmegaConf.to_container(data.train)  # its ${..} keys are given here
+    train_cfg.update(crop_size=args.crop, flip=True, repeats=10_000, seed=args.seed)
+    train = instantiate(train_cfg)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-    held_out = SamplePairedDataset(list(demo.names), demo.crop_size, sample.scale)
-    degrade = BicubicDegradation(sample.scale)
+    if args.data == "documents":
+        held_out = instantiate(OmegaConf.load(config_dir() / "demo.yaml").evaluation.dataset)
+    else:
+        held_out = instantiate(OmegaConf.load(config_dir() / "eval.yaml").datasets.sample, scale=data.scale)
+    degrade = BicubicDegradation(data.scale)
 
     first = next(iter(loader))["hr"]
     scale = float(1 / F.pixel_unshuffle(first * 2 - 1, args.factor).std())  # unit-variance latents
@@ -153,7 +161,7 @@ def main() -> None:
                       f"1-step PSNR {ours:.2f} dB  bicubic {bicubic:.2f} dB", flush=True)  # fmt: skip
             if elapsed >= budget:
                 break
-    result = {"prediction": args.prediction, "factor": args.factor, "widths": args.widths,
+    result = {"prediction": args.prediction, "factor": args.factor, "widths": args.widths, "data": args.data,
               "parameters_M": sum(p.numel() for p in params) / 1e6, "minutes": args.minutes,
               "best_psnr_1step": max(c["psnr_1step"] for c in curve), "psnr_bicubic": curve[-1]["psnr_bicubic"],
               "curve": curve}  # fmt: skip
