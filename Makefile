@@ -35,8 +35,11 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
-demo: install ## the main job on its embedded default: tiny VAE, teacher and AddSR student on the sample photos (CPU), then outputs/demo/report.html
+demo: install ## the main job on its embedded default: tiny AddSR student distilled from the committed tiny teacher on rendered text pages (CPU), then outputs/demo/report.html
 	$(PY) -m addsr_pl.demo
+
+demo-teacher: install ## retrain the demo's committed tiny teacher (assets/demo_teacher, about 40 minutes on 2 cores)
+	$(PY) -m addsr_pl.demo make_teacher=true output_dir=outputs/demo_teacher
 
 # What bench/gpu_check.sh needs beyond what the GPU machines have (torch, timm, transformers, lightning),
 # as wheels for their Python; pinned to the versions tested here.
@@ -59,4 +62,4 @@ clean: ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun build dist src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-.PHONY: help install test test-fast lint format demo clean wheelhouse gpu-check
+.PHONY: help install test test-fast lint format demo demo-teacher clean wheelhouse gpu-check

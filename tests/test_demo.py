@@ -4,15 +4,35 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
-from addsr_pl.demo import REPORT_SECTIONS, ablation_table, headline
+from addsr_pl.demo import (
+    REPORT_SECTIONS,
+    TEACHER_MANIFEST,
+    ablation_table,
+    headline,
+    teacher_checkpoint,
+    verdict,
+)
+from addsr_pl.paths import PROJECT_ROOT, config_dir
 
 
 @pytest.mark.slow
-def test_the_demo_writes_the_report_with_all_its_sections(tmp_path):
+@pytest.mark.parametrize("teacher", ["committed", "trained here"])
+def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
     out = tmp_path / "demo"
+    trained_here = ["teacher.checkpoint=null", "teacher.max_steps=60"] if teacher == "trained here" else []
     done = subprocess.run(
-        [sys.executable, "-m", "addsr_pl.demo", f"output_dir={out}"],
+        # the real chain at a fraction of `make demo`'s lengths (this checks the report, not the numbers)
+        [
+            sys.executable,
+            "-m",
+            "addsr_pl.demo",
+            f"output_dir={out}",
+            "student.max_steps=4",
+            "evaluation.teacher_steps=5",
+            *trained_here,
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=1500,
@@ -22,7 +42,7 @@ def test_the_demo_writes_the_report_with_all_its_sections(tmp_path):
     for title in REPORT_SECTIONS:
         assert f"## {title}" in markdown and f"<h2>{title}</h2>" in html.replace("&#x27;", "'"), title
     assert "tiny models" in markdown
-    for figure in ("losses.png", "ta_schedule.png", "grid_chelsea.png"):
+    for figure in ("losses.png", "ta_schedule.png", "grid_page1000.png"):
         assert (out / "figures" / figure).is_file()
     assert (out / "evaluation" / "perception_distortion.png").is_file()
     assert (
@@ -48,7 +68,46 @@ def test_the_headline_judges_each_check_from_the_numbers():
     lines = headline(summary).splitlines()
     assert lines[0].startswith("- Teacher beats bicubic on PSNR: yes (29.00 vs 28.00")
     assert lines[1].startswith("- 1-step student beats bicubic on PSNR: yes (28.50")
-    assert lines[2] == "- Best student (1 step) within 1 dB of the teacher: yes (28.50 vs 29.00 dB)"
+    assert lines[2] == (
+        "- Best student (1 step) within 1 dB of the teacher: yes (28.50 vs 29.00 dB); "
+        "per step count: 1: yes (28.50), 2: NO (27.00)"
+    )
     assert lines[3] == "- 1-step student at least 10x faster than the teacher per image: yes (20.0x)"
     summary["student"]["1"]["ms"] = 100.0
     assert headline(summary).splitlines()[3].endswith("NO (5.0x)")
+
+
+def test_the_committed_teacher_was_made_with_the_demo_s_settings():
+    settings = OmegaConf.load(config_dir() / "demo.yaml")
+    folder = teacher_checkpoint(settings)
+    assert folder == PROJECT_ROOT / settings.teacher.checkpoint
+    for part in ("vae/config.json", "unet/config.json", "controlnet/config.json", "teacher_log.csv"):
+        assert (folder / part).is_file(), part
+    # small enough to commit
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 20 * 2**20
+
+
+def test_a_committed_teacher_made_otherwise_or_missing_is_refused_with_the_fix(tmp_path):
+    import json
+
+    settings = OmegaConf.load(config_dir() / "demo.yaml")
+    settings.teacher.checkpoint = str(tmp_path)
+    with pytest.raises(SystemExit, match="no demo_teacher.json.*make demo-teacher.*teacher.checkpoint=null"):
+        teacher_checkpoint(settings)
+    recipe = {"seed": 1, "data": "sample", "crop_size": settings.crop_size,
+              "model_overrides": list(settings.model_overrides)}  # fmt: skip
+    (tmp_path / TEACHER_MANIFEST).write_text(json.dumps({"recipe": recipe}))
+    with pytest.raises(
+        SystemExit, match=r"other settings \(seed, data: seed=1, data='sample'\).*make demo-teacher"
+    ):
+        teacher_checkpoint(settings)
+
+
+def test_the_verdict_names_the_codec_and_the_step_counts_behind_the_teacher():
+    means = {"Bicubic": {"psnr": 17.0}, "Teacher-50": {"psnr": 20.0}, "AddSR-1": {"psnr": 20.5},
+             "AddSR-2": {"psnr": 18.5}, "AddSR-4": {"psnr": 16.0}}  # fmt: skip
+    text = verdict(means, float("inf"), "Teacher-50")
+    assert text.startswith("Yes: AddSR-1 reaches 20.50 dB against bicubic's 17.00 dB")
+    assert "At 2, 4 steps the student is more than 1 dB under the teacher" in text and "lossless" in text
+    text = verdict({**means, "AddSR-2": {"psnr": 19.5}, "AddSR-4": {"psnr": 19.2}}, 16.6, "Teacher-50")
+    assert "more than 1 dB" not in text and "reaches 16.60 dB" in text
