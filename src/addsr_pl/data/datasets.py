@@ -181,19 +181,12 @@ def load_sample_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3].astype(np.uint8))
 
 
-class SampleDataset(Dataset):
-    """Random crops of photographs bundled with scikit-image: a training set that needs no files.
+class InMemoryCropDataset(Dataset):
+    """Random crops (and flips) of images held in memory (``[H, W, 3]`` uint8 arrays); `repeats` lists
+    each image several times per epoch so that tiny runs see several crops."""
 
-    `repeats` lists each image several times per epoch so that tiny runs see several crops.
-    """
-
-    def __init__(
-        self, names: Sequence[str], crop_size: int, flip: bool = True, repeats: int = 1, seed: int = 0
-    ):
-        self.names = list(names)
-        if not self.names:
-            raise ValueError("SampleDataset needs at least one skimage.data image name in `names`.")
-        self.images = [load_sample_image(name) for name in self.names]
+    def __init__(self, images: Sequence[np.ndarray], crop_size: int, flip: bool, repeats: int, seed: int):
+        self.images = list(images)
         self.crop_size = int(crop_size)
         self.flip = flip
         self.repeats = int(repeats)
@@ -208,16 +201,15 @@ class SampleDataset(Dataset):
         return {"hr": to_tensor(random_crop_flip(array, self.crop_size, self.flip, draw_seed))}
 
 
-class SamplePairedDataset(Dataset):
-    """Fixed validation pairs from bundled photographs: centre HR crops and their bicubic LR."""
+class InMemoryPairedDataset(Dataset):
+    """Fixed pairs from named in-memory images: centre HR crops and their bicubic LR."""
 
-    def __init__(self, names: Sequence[str], crop_size: int, scale: int = 4):
+    def __init__(self, names: Sequence[str], images: Sequence[np.ndarray], crop_size: int, scale: int):
         self.names = list(names)
         degradation = BicubicDegradation(scale)
         self.pairs: list[tuple[Tensor, Tensor]] = []
-        for name in self.names:
-            hr = to_tensor(center_crop(load_sample_image(name), crop_size))
-            hr_target, lr = degradation(hr[None])
+        for array in images:
+            hr_target, lr = degradation(to_tensor(center_crop(array, crop_size))[None])
             self.pairs.append((hr_target[0], lr[0]))
 
     def __len__(self) -> int:
@@ -226,6 +218,25 @@ class SamplePairedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         hr, lr = self.pairs[index]
         return {"hr": hr, "lr": lr, "name": self.names[index]}
+
+
+class SampleDataset(InMemoryCropDataset):
+    """Random crops of photographs bundled with scikit-image: a training set that needs no files."""
+
+    def __init__(
+        self, names: Sequence[str], crop_size: int, flip: bool = True, repeats: int = 1, seed: int = 0
+    ):
+        self.names = list(names)
+        if not self.names:
+            raise ValueError("SampleDataset needs at least one skimage.data image name in `names`.")
+        super().__init__([load_sample_image(name) for name in self.names], crop_size, flip, repeats, seed)
+
+
+class SamplePairedDataset(InMemoryPairedDataset):
+    """Fixed validation pairs from bundled photographs: centre HR crops and their bicubic LR."""
+
+    def __init__(self, names: Sequence[str], crop_size: int, scale: int = 4):
+        super().__init__(names, [load_sample_image(name) for name in names], crop_size, scale)
 
 
 # --------------------------------------------------------------------------- evaluation sets --

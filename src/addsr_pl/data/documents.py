@@ -16,11 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import Dataset
 
-from addsr_pl.data.datasets import center_crop, random_crop_flip, resolve_key
-from addsr_pl.data.degradation import BicubicDegradation
-from addsr_pl.data.io import to_tensor
+from addsr_pl.data.datasets import InMemoryCropDataset, InMemoryPairedDataset
 
 # Words the pages are made of (their frequency does not matter, only their letter shapes).
 WORDS = tuple(
@@ -182,7 +179,7 @@ def render_page(seed: int, size: int, font_sizes: Sequence[int] = (14, 40)) -> n
     return np.asarray(page)
 
 
-class DocumentDataset(Dataset):
+class DocumentDataset(InMemoryCropDataset):
     """Random crops (and flips) of the rendered pages `0 .. pages - 1`: a training set of text."""
 
     def __init__(self, pages: int, page_size: int, crop_size: int, font_sizes: Sequence[int] = (14, 40),
@@ -192,34 +189,14 @@ class DocumentDataset(Dataset):
                 f"DocumentDataset: pages = {pages}, crop_size = {crop_size}, page_size = {page_size}: "
                 "needs at least one page and crops no larger than the page."
             )
-        self.pages = [render_page(s, page_size, tuple(font_sizes)) for s in range(pages)]
-        self.crop_size, self.flip, self.repeats, self.seed = int(crop_size), flip, int(repeats), seed
-
-    def __len__(self) -> int:
-        return len(self.pages) * self.repeats
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        index, draw_seed = resolve_key(item, self.seed)
-        page = self.pages[index % len(self.pages)]
-        return {"hr": to_tensor(random_crop_flip(page, self.crop_size, self.flip, draw_seed))}
+        rendered = [render_page(s, page_size, tuple(font_sizes)) for s in range(pages)]
+        super().__init__(rendered, crop_size, flip, repeats, seed)
 
 
-class DocumentPairedDataset(Dataset):
+class DocumentPairedDataset(InMemoryPairedDataset):
     """Held-out pairs: centre `crop_size` crops of the pages `seeds` and their bicubic LR, named `page<seed>`."""
 
     def __init__(self, seeds: Sequence[int], page_size: int, crop_size: int, scale: int = 4,
                  font_sizes: Sequence[int] = (14, 40)):  # fmt: skip
-        self.names = [f"page{s}" for s in seeds]
-        degradation = BicubicDegradation(scale)
-        self.pairs = []
-        for seed in seeds:
-            hr = to_tensor(center_crop(render_page(seed, page_size, tuple(font_sizes)), crop_size))
-            hr_target, lr = degradation(hr[None])
-            self.pairs.append((hr_target[0], lr[0]))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict:
-        hr, lr = self.pairs[index]
-        return {"hr": hr, "lr": lr, "name": self.names[index]}
+        pages = [render_page(s, page_size, tuple(font_sizes)) for s in seeds]
+        super().__init__([f"page{s}" for s in seeds], pages, crop_size, scale)
