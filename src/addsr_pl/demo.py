@@ -32,6 +32,7 @@ from addsr_pl.evaluate import evaluate
 from addsr_pl.inference.io import write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.losses import ta_weights
+from addsr_pl.models.vae import VaeCodec
 from addsr_pl.paths import PROJECT_ROOT, config_dir
 from addsr_pl.train import train
 
@@ -50,9 +51,8 @@ def compose_config(name: str, run_dir: Path, overrides: list[str]):
     return cfg
 
 
-def prepare_codec(settings, out: Path, seed: int, base: list[str], held_out) -> tuple[Path, float]:
-    """The tiny preset's codec, saved as `out/vae/`; returns `out` and its reconstruction PSNR on the
-    held-out HR images (the ceiling of anything decoded by it; infinite for the lossless codec).
+def prepare_codec(settings, out: Path, seed: int, base: list[str]) -> Path:
+    """The tiny preset's codec, saved as `out/vae/`; returns `out`.
 
     A VAE (`model.components.codec=vae`) is fitted as an autoencoder on training crops, since a random
     one cannot reconstruct; the lossless pixel-unshuffle codec has nothing to fit. Either gets a
@@ -87,18 +87,25 @@ def prepare_codec(settings, out: Path, seed: int, base: list[str], held_out) -> 
         # SD3's convention: shift to zero mean, scale to unit variance (`VaeCodec`)
         codec.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
     codec.save_pretrained(out / "vae")
-    return out, codec_ceiling(codec, held_out)
+    return out
 
 
-def codec_ceiling(codec, held_out) -> float:
-    """The codec's reconstruction PSNR on the held-out HR images (infinite when it is exact)."""
+def codec_ceiling(codec: VaeCodec, held_out) -> float:
+    """The codec's reconstruction PSNR on the held-out HR images: the ceiling of anything decoded by it
+    (infinite for a lossless codec, exact up to the float rounding of the latent shift and scale)."""
+    if codec.lossless:
+        return float("inf")
     with torch.no_grad():
         hr = torch.stack([item["hr"] for item in held_out])
-        recon = ((codec.decode(codec.encode(hr * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
-        mse = float((recon - hr).pow(2).mean())
-    if getattr(codec, "lossless", False):  # exact up to float rounding of the latent shift and scale
-        return float("inf")
+        mse = float((codec.decode(codec.encode(hr)).clamp(0, 1) - hr).pow(2).mean())
     return -10 * math.log10(mse)
+
+
+def train_teacher(run: Path, base: list[str], vae_dir: Path, steps: int, overrides: list[str]) -> Path:
+    """stage=teacher on the demo's data and model with the codec of `vae_dir`; returns the exported teacher."""
+    train(compose_config("train", run, [*base, f"model.components.vae_path={vae_dir}", "stage=teacher",
+                                        f"trainer.max_steps={steps}", *overrides]))  # fmt: skip
+    return run / "teacher"
 
 
 # What a committed teacher must share with the demo that uses it (`demo_teacher.json`).
@@ -125,7 +132,7 @@ def teacher_checkpoint(settings) -> Path | None:
             "`make demo-teacher`, or train a teacher inside the demo with `python -m addsr_pl.demo teacher.checkpoint=null`."
         )  # fmt: skip
     made = json.loads(manifest.read_text())["recipe"]
-    now = OmegaConf.to_container(settings, resolve=True)
+    now = teacher_recipe(settings)
     differ = [key for key in TEACHER_RECIPE if made.get(key) != now[key]]
     if differ:
         raise SystemExit(
@@ -136,23 +143,28 @@ def teacher_checkpoint(settings) -> Path | None:
     return folder
 
 
-def make_teacher(settings, out: Path, base: list[str], held_out) -> Path:
+def teacher_recipe(settings) -> dict:
+    """The settings of `TEACHER_RECIPE`, resolved."""
+    resolved = OmegaConf.to_container(settings, resolve=True)
+    return {key: resolved[key] for key in TEACHER_RECIPE}
+
+
+def make_teacher(settings, out: Path, base: list[str]) -> Path:
     """`make demo-teacher`: train the demo's teacher for `teacher.checkpoint_steps` with stage=teacher and
     write it to `teacher.checkpoint` (UNet and ControlNet in fp16, which loads back as fp32; the codec's
     config; the training log; and `demo_teacher.json` with the recipe, the command and the time)."""
     start = time.perf_counter()
     target = resolve_from_top(settings.teacher.checkpoint)
-    vae_dir, _ = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base, held_out)
+    vae_dir = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base)
     run = out / "teacher_checkpoint"
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    train(compose_config("train", run, [*base, f"model.components.vae_path={vae_dir}", "stage=teacher",
-                                        f"trainer.max_steps={settings.teacher.checkpoint_steps}",
-                                        *settings.teacher.overrides, *settings.teacher.checkpoint_overrides]))  # fmt: skip
+    trained = train_teacher(run, base, vae_dir, settings.teacher.checkpoint_steps,
+                            [*settings.teacher.overrides, *settings.teacher.checkpoint_overrides])  # fmt: skip
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     shutil.copytree(vae_dir / "vae", target / "vae")
     for part, cls in (("unet", UNet2DConditionModel), ("controlnet", ControlNetModel)):
-        cls.from_pretrained(run / "teacher", subfolder=part).half().save_pretrained(target / part)
+        cls.from_pretrained(trained, subfolder=part).half().save_pretrained(target / part)
     rows = read_log(run)
     rows = rows[:: max(1, len(rows) // LOG_ROWS)]  # enough for the loss curve, small enough to commit
     with (target / "teacher_log.csv").open("w", newline="") as handle:
@@ -160,10 +172,9 @@ def make_teacher(settings, out: Path, base: list[str], held_out) -> Path:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    recipe = {key: OmegaConf.to_container(settings, resolve=True)[key] for key in TEACHER_RECIPE}
     (target / TEACHER_MANIFEST).write_text(json.dumps({
         "made_by": "make demo-teacher (python -m addsr_pl.demo make_teacher=true)",
-        "recipe": recipe, "steps": settings.teacher.checkpoint_steps,
+        "recipe": teacher_recipe(settings), "steps": settings.teacher.checkpoint_steps,
         "overrides": [*settings.teacher.overrides, *settings.teacher.checkpoint_overrides],
         "minutes": round((time.perf_counter() - start) / 60, 1)}, indent=2))  # fmt: skip
     print(f"Demo teacher: {target}")
@@ -448,11 +459,11 @@ def main(argv: list[str] | None = None) -> None:
     base = ["model=tiny", f"data={settings.data}", "trainer=cpu", "logger=csv", f"seed={settings.seed}",
             f"data.crop_size={settings.crop_size}", f"paths.cache_dir={out / 'cache'}", *settings.model_overrides]  # fmt: skip
 
+    if settings.make_teacher:
+        make_teacher(settings, out, base)
+        return
     ev = settings.evaluation
     held_out = instantiate(ev.dataset)
-    if settings.make_teacher:
-        make_teacher(settings, out, base, held_out)
-        return
     checkpoint = teacher_checkpoint(settings)
     teacher_run = out / "teacher"
     for run in (teacher_run, out / "student"):  # a rerun trains afresh (training refuses to overwrite a run)
@@ -462,17 +473,13 @@ def main(argv: list[str] | None = None) -> None:
             f"[1/6] the codec and [2/6] the teacher: committed, {checkpoint} (`make demo-teacher` made them)"
         )
         vae_dir, teacher_dir, teacher_run = checkpoint, checkpoint, checkpoint
-        cfg = compose_config("train", out / "vae_fit", [*base, f"model.components.vae_path={vae_dir}"])
-        components = instantiate(OmegaConf.to_container(cfg.model.components, resolve=True), _convert_="all")
-        codec_psnr = codec_ceiling(components.vae, held_out)
     else:
         print("[1/6] preparing the codec")
-        vae_dir, codec_psnr = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base, held_out)
+        vae_dir = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base)
         print("[2/6] training the tiny teacher")
-        train(compose_config("train", teacher_run, [
-            *base, f"model.components.vae_path={vae_dir}", "stage=teacher",
-            f"trainer.max_steps={settings.teacher.max_steps}", *settings.teacher.overrides]))  # fmt: skip
-        teacher_dir = teacher_run / "teacher"
+        teacher_dir = train_teacher(
+            teacher_run, base, vae_dir, settings.teacher.max_steps, settings.teacher.overrides
+        )
     with_vae = [*base, f"model.components.vae_path={vae_dir}"]
 
     print("[3/6] distilling the tiny AddSR student")
@@ -485,12 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     print("[4/6] evaluating bicubic, the teacher and the student")
     teacher_label = f"Teacher-{ev.teacher_steps}"
     teacher_images = out / "teacher_outputs"
-    teacher_ms = render(
-        teacher_pipeline(teacher_dir, student_dir, ev.teacher_steps, ev.teacher_renoise),
-        held_out,
-        teacher_images,
-        settings.seed,
-    )
+    teacher = teacher_pipeline(teacher_dir, student_dir, ev.teacher_steps, ev.teacher_renoise)
+    teacher_ms = render(teacher, held_out, teacher_images, settings.seed)
+    codec_psnr = codec_ceiling(teacher.codec, held_out)
     eval_dir = out / "evaluation"
     eval_cfg = eval_config(eval_dir, [
         f"student={student_dir}", f"metrics.names=[{','.join(ev.metrics)}]", "pd_plot.y_metric=ssim",

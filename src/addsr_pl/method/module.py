@@ -136,9 +136,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
         if memory["gradient_checkpointing"]:
             enable_gradient_checkpointing(self.student.unet, self.student.controlnet)
-        if (
-            memory["vae_gradient_checkpointing"] and not self.codec.lossless
-        ):  # a lossless codec stores nothing
+        # a lossless codec has no activations to recompute
+        if memory["vae_gradient_checkpointing"] and not self.codec.lossless:
             enable_gradient_checkpointing(self.codec.vae)
         self.ema = EMA(
             dict(self.student_trainable()), method["ema_decay"], memory["ema_placement"], memory["ema_dtype"]
