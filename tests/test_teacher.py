@@ -6,7 +6,7 @@ import torch
 from diffusers import ControlNetModel
 from torch import nn
 
-from addsr_pl.config import ConfigError
+from addsr_pl.config import ConfigError, validate
 from addsr_pl.core.sampler import add_noise, upscale
 from addsr_pl.method.teacher import TeacherModule, select_teacher_trainable, validate_teacher
 from addsr_pl.train import train
@@ -50,6 +50,30 @@ def test_the_loss_is_eq2_on_the_hr_latent_with_the_lr_as_control(make_cfg, sampl
         assert torch.equal(seen["t"], t)
         torch.testing.assert_close(seen["text"], module.conditioner.prompt_encoder.encode([prompt]))
         torch.testing.assert_close(loss, (seen["eps"] - noise).pow(2).mean().reshape(1))
+
+
+def test_control_hr_blend_moves_a_fraction_of_the_controls_towards_the_hr(make_cfg, sample_pair):
+    hr, lr = sample_pair
+    lr_up = upscale(lr, hr.shape[-2:])
+    module = TeacherModule(**to_dicts(make_cfg(["stage=teacher"])))
+    assert module.method["control_hr_blend"] == 0.0  # SeeSR's teacher: LR controls only, no draws
+    assert module.control_hr_blend(4, torch.Generator().manual_seed(0)) is None
+    module = TeacherModule(**to_dicts(make_cfg(["stage=teacher", "method.control_hr_blend=0.5"])))
+    w = module.control_hr_blend(4000, torch.Generator().manual_seed(0))
+    assert 0.45 < (w == 0).float().mean() < 0.55 and w.max() < 1
+    assert 0.45 < w[w > 0].mean() < 0.55  # U(0, 1) where chosen
+    seen = []
+    module.denoiser.controlnet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["controlnet_cond"]), with_kwargs=True
+    )
+    noise = torch.randn(2, 4, *module.latent_size(hr), generator=torch.Generator().manual_seed(0))
+    two = lambda x: x.repeat(2, 1, 1, 1)  # noqa: E731
+    module.diffusion_loss(two(hr), two(lr), torch.tensor([600, 600]), noise, torch.tensor([False, False]),
+                          torch.tensor([0.0, 0.25]))  # fmt: skip
+    torch.testing.assert_close(seen[-1][0], lr_up[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[-1][1], 0.25 * hr[0] + 0.75 * lr_up[0])
+    with pytest.raises(ConfigError, match="method.control_hr_blend = 1.5"):
+        validate(make_cfg(["stage=teacher", "method.control_hr_blend=1.5"]))
 
 
 def test_seesr_trainable_set_is_the_controlnet_and_the_unets_image_attentions():

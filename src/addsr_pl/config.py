@@ -425,6 +425,7 @@ SCHEMA: dict[str, Group] = {
             "train_whole_unet": Bool(),
             "timestep_range": ListOf(Int(0, 1000), length=2),
             "null_text_ratio": PROBABILITY,
+            "control_hr_blend": PROBABILITY,
             "conditioning_scale": Float(0),
             "accumulate_grad_batches": POSITIVE,
             "grad_clip": Optional(Float(0, open_low=True)),

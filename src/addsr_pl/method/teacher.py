@@ -4,6 +4,8 @@ AddSR distils a trained teacher; this stage trains one on the same data pipeline
 The teacher sees what a deployed SR model sees: the control image is the bicubic-upscaled LR in
 [0, 1], and its prompt and representation come from the LR. The noisy latent is the HR latent
 noised at a random timestep, and the loss is the MSE between predicted and true noise.
+`method.control_hr_blend` moves a fraction of the control images towards the HR, so that the teacher
+also reads controls as sharp as the ones AddSR gives it (the HR) and its student (PSR's predictions).
 
 The trained teacher is exported as a folder with `unet/` and `controlnet/` (diffusers
 `save_pretrained`), which `model.components.unet_path` / `controlnet_path` of the AddSR stage read.
@@ -123,14 +125,20 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         return cpu, dev
 
     # ----------------------------------------------------------------- Eq. 2
-    def diffusion_loss(self, hr: Tensor, lr: Tensor, t: Tensor, noise: Tensor, blank: Tensor) -> Tensor:
+    def diffusion_loss(
+        self, hr: Tensor, lr: Tensor, t: Tensor, noise: Tensor, blank: Tensor, hr_blend: Tensor | None = None
+    ) -> Tensor:
         """Per-sample ||eps - eps_theta(z_t, t, LR)||^2 (Eq. 2), averaged over the latent; for a
         v-prediction model the same with v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z0 as target.
 
         z_t noises the HR latent (Eq. 1); the control image is the upscaled LR, and the prompt and
-        representation are computed from it; `blank` samples get the empty prompt.
+        representation are computed from it; `blank` samples get the empty prompt. `hr_blend` (one weight
+        w per sample) moves the control image to w * HR + (1 - w) * LR (`method.control_hr_blend`).
         """
         lr_up = upscale(lr, hr.shape[-2:])
+        if hr_blend is not None:
+            w = hr_blend.to(lr_up.dtype).view(-1, 1, 1, 1)
+            lr_up = w * hr.to(lr_up.dtype) + (1 - w) * lr_up
         with torch.no_grad():
             z0 = self.codec.encode(hr)
         z_t = add_noise(z0, noise.to(z0.dtype), t, self.alphas_cumprod)  # Eq. 1
@@ -150,11 +158,20 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         latent_shape = (b, self.codec.latent_channels, *self.latent_size(hr))
         noise = torch.randn(latent_shape, generator=g_dev, device=self.device)
         blank = torch.rand(b, generator=g_cpu) < self.method["null_text_ratio"]
-        loss = self.diffusion_loss(hr, lr, t, noise, blank).mean()
+        loss = self.diffusion_loss(hr, lr, t, noise, blank, self.control_hr_blend(b, g_cpu)).mean()
         self.micro_step += 1
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
         self.log("train/iteration", self.iteration.float(), batch_size=b)
         return loss
+
+    def control_hr_blend(self, b: int, g_cpu: torch.Generator) -> Tensor | None:
+        """Per-sample HR weights of the control image: w ~ U(0, 1) for a `method.control_hr_blend`
+        fraction of the samples, 0 (the LR) for the rest; None when that fraction is 0 (SeeSR)."""
+        fraction = self.method.get("control_hr_blend", 0.0)
+        if not fraction:
+            return None
+        chosen = torch.rand(b, generator=g_cpu) < fraction
+        return (torch.rand(b, generator=g_cpu) * chosen).to(self.device)
 
     def latent_size(self, images: Tensor) -> tuple[int, int]:
         f = self.codec.scale_factor
