@@ -11,7 +11,10 @@ from addsr_pl.demo import (
     TEACHER_MANIFEST,
     ablation_table,
     headline,
+    read_log,
     teacher_checkpoint,
+    teacher_recipe,
+    teacher_training,
     verdict,
 )
 from addsr_pl.paths import PROJECT_ROOT, config_dir
@@ -38,6 +41,15 @@ def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
         timeout=1500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if teacher == "committed":  # `make demo` again into the same folder: every stage trains afresh
+        again = subprocess.run(done.args, capture_output=True, text=True, timeout=1500)
+        assert again.returncode == 0, again.stderr[-3000:]
+        iterations = [
+            int(float(r["train/iteration"])) for r in read_log(out / "student") if r.get("train/iteration")
+        ]
+        assert (
+            iterations and len(iterations) == len(set(iterations)) and max(iterations) <= 4
+        )  # one run's log
     markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for title in REPORT_SECTIONS:
         assert f"## {title}" in markdown and f"<h2>{title}</h2>" in html.replace("&#x27;", "'"), title
@@ -96,10 +108,19 @@ def test_a_committed_teacher_made_otherwise_or_missing_is_refused_with_the_fix(t
         teacher_checkpoint(settings)
     recipe = {"seed": 1, "data": "sample", "crop_size": settings.crop_size,
               "model_overrides": list(settings.model_overrides)}  # fmt: skip
-    (tmp_path / TEACHER_MANIFEST).write_text(json.dumps({"recipe": recipe}))
+    made = {"recipe": recipe, **teacher_training(settings)}
+    (tmp_path / TEACHER_MANIFEST).write_text(json.dumps(made))
     with pytest.raises(
         SystemExit, match=r"other settings \(seed, data: seed=1, data='sample'\).*make demo-teacher"
     ):
+        teacher_checkpoint(settings)
+    # trained otherwise (here: without the HR-blended controls) is refused as well
+    made["recipe"] = teacher_recipe(settings)
+    (tmp_path / TEACHER_MANIFEST).write_text(json.dumps(made))
+    assert teacher_checkpoint(settings) == tmp_path
+    made["overrides"] = [o for o in made["overrides"] if "control_hr_blend" not in o]
+    (tmp_path / TEACHER_MANIFEST).write_text(json.dumps(made))
+    with pytest.raises(SystemExit, match=r"other settings \(overrides: overrides=\[.*make demo-teacher"):
         teacher_checkpoint(settings)
 
 

@@ -101,6 +101,13 @@ def codec_ceiling(codec: VaeCodec, held_out) -> float:
     return -10 * math.log10(mse)
 
 
+def fresh_run(run: Path) -> Path:
+    """A rerun into the same output folder trains each stage afresh: training refuses to start over a
+    run's checkpoints, and the report must read only this run's logs and exports."""
+    shutil.rmtree(run, ignore_errors=True)
+    return run
+
+
 def train_teacher(run: Path, base: list[str], vae_dir: Path, steps: int, overrides: list[str]) -> Path:
     """stage=teacher on the demo's data and model with the codec of `vae_dir`; returns the exported teacher."""
     train(compose_config("train", run, [*base, f"model.components.vae_path={vae_dir}", "stage=teacher",
@@ -131,9 +138,10 @@ def teacher_checkpoint(settings) -> Path | None:
             f"teacher.checkpoint = {settings.teacher.checkpoint}: no {TEACHER_MANIFEST} in {folder}. Make it with "
             "`make demo-teacher`, or train a teacher inside the demo with `python -m addsr_pl.demo teacher.checkpoint=null`."
         )  # fmt: skip
-    made = json.loads(manifest.read_text())["recipe"]
-    now = teacher_recipe(settings)
-    differ = [key for key in TEACHER_RECIPE if made.get(key) != now[key]]
+    made = json.loads(manifest.read_text())
+    now = {**teacher_recipe(settings), **teacher_training(settings)}
+    made = {**made["recipe"], "steps": made.get("steps"), "overrides": made.get("overrides")}
+    differ = [key for key in now if made.get(key) != now[key]]
     if differ:
         raise SystemExit(
             f"The committed teacher in {folder} was made with other settings ({', '.join(differ)}: "
@@ -141,6 +149,13 @@ def teacher_checkpoint(settings) -> Path | None:
             "train one inside the demo with teacher.checkpoint=null."
         )  # fmt: skip
     return folder
+
+
+def teacher_training(settings) -> dict:
+    """How `make demo-teacher` trains: its iterations and stage=teacher overrides, resolved."""
+    teacher = OmegaConf.to_container(settings.teacher, resolve=True)
+    return {"steps": teacher["checkpoint_steps"],
+            "overrides": [*teacher["overrides"], *teacher["checkpoint_overrides"]]}  # fmt: skip
 
 
 def teacher_recipe(settings) -> dict:
@@ -156,8 +171,7 @@ def make_teacher(settings, out: Path, base: list[str]) -> Path:
     start = time.perf_counter()
     target = resolve_from_top(settings.teacher.checkpoint)
     vae_dir = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base)
-    run = out / "teacher_checkpoint"
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    run = fresh_run(out / "teacher_checkpoint")
     trained = train_teacher(run, base, vae_dir, settings.teacher.checkpoint_steps,
                             [*settings.teacher.overrides, *settings.teacher.checkpoint_overrides])  # fmt: skip
     shutil.rmtree(target, ignore_errors=True)
@@ -174,8 +188,7 @@ def make_teacher(settings, out: Path, base: list[str]) -> Path:
         writer.writerows(rows)
     (target / TEACHER_MANIFEST).write_text(json.dumps({
         "made_by": "make demo-teacher (python -m addsr_pl.demo make_teacher=true)",
-        "recipe": teacher_recipe(settings), "steps": settings.teacher.checkpoint_steps,
-        "overrides": [*settings.teacher.overrides, *settings.teacher.checkpoint_overrides],
+        "recipe": teacher_recipe(settings), **teacher_training(settings),
         "minutes": round((time.perf_counter() - start) / 60, 1)}, indent=2))  # fmt: skip
     print(f"Demo teacher: {target}")
     return target
@@ -396,8 +409,9 @@ def verdict(means: dict[str, dict[str, float]], codec_psnr: float, teacher_label
     behind = [k.removeprefix("AddSR-") for k in sorted(students) if students[k] < teacher - 1]
     psr = (
         f" At {', '.join(behind)} steps the student is more than 1 dB under the teacher: from step 2 on, PSR "
-        "controls each step with the student's own previous prediction, which a tiny student distilled for "
-        "minutes has not learned to read (docs/benchmarks.md measures it against psr_weight)."
+        "controls each step with the student's own previous prediction, which the student reads only as well "
+        "as its teacher learned to read controls sharper than the LR (the teacher stage's "
+        "`method.control_hr_blend`; docs/benchmarks.md measures both)."
         if behind and behind != ["1"]
         else ""
     )
@@ -466,8 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     held_out = instantiate(ev.dataset)
     checkpoint = teacher_checkpoint(settings)
     teacher_run = out / "teacher"
-    for run in (teacher_run, out / "student"):  # a rerun trains afresh (training refuses to overwrite a run)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    for run in (teacher_run, out / "student", out / "ablation"):
+        fresh_run(run)
     if checkpoint is not None:
         print(
             f"[1/6] the codec and [2/6] the teacher: committed, {checkpoint} (`make demo-teacher` made them)"
