@@ -64,7 +64,7 @@ def prepare_codec(settings, out: Path, seed: int, base: list[str]) -> Path:
     data = instantiate(OmegaConf.to_container(cfg.data.train, resolve=True), crop_size=settings.crop_size)
     loader = torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    if not getattr(codec, "lossless", False):
+    if not VaeCodec(codec).lossless:
         codec.train()
         optimizer = torch.optim.Adam(codec.parameters(), lr=settings.lr)
         step = 0

@@ -167,7 +167,7 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
     def control_hr_blend(self, b: int, g_cpu: torch.Generator) -> Tensor | None:
         """Per-sample HR weights of the control image: w ~ U(0, 1) for a `method.control_hr_blend`
         fraction of the samples, 0 (the LR) for the rest; None when that fraction is 0 (SeeSR)."""
-        fraction = self.method.get("control_hr_blend", 0.0)
+        fraction = self.method["control_hr_blend"]
         if not fraction:
             return None
         chosen = torch.rand(b, generator=g_cpu) < fraction
@@ -265,6 +265,7 @@ def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
         "train_whole_unet",
         "timestep_range",
         "null_text_ratio",
+        "control_hr_blend",
         "optimizer",
         "val_timesteps",
     )
