@@ -322,10 +322,106 @@ DATASET = Optional(Target(names=ListOf(Str()), crop_size=POSITIVE, flip=Bool(), 
                           scale=POSITIVE, root=Str(), recursive=Bool(), file_list=PATH, first_n=Optional(POSITIVE),
                           lr_subdir=Str(), hr_subdir=Str(), parts=ANY, pages=POSITIVE, page_size=POSITIVE,
                           seeds=ListOf(NONNEGATIVE), font_sizes=ListOf(POSITIVE, length=2)))  # fmt: skip
-TAGGER = Optional(Target(dtype=Choice("float32", "bfloat16", "float16"), threshold=Float(0, 1), top_k=POSITIVE,
-                         antialias=Bool(), interpolation=Choice("bicubic", "bilinear", "nearest", "area"),
-                         image_mean=ListOf(Float(), length=3), image_std=ListOf(Float(0, open_low=True), length=3),
-                         tag_separator=Str(), representation_dim=POSITIVE, architecture=ANY))  # fmt: skip
+
+
+class PlainData(Spec):
+    """JSON-like data (mappings, lists, strings, numbers, booleans, null) handed to a library's
+    constructor; keys starting with one of `refused` are not allowed (they would make the library fetch
+    or build something outside the given files)."""
+
+    def __init__(self, refused: tuple[str, ...] = ()):
+        self.refused = refused
+
+    def check(self, value, key):
+        if isinstance(value, dict):
+            for name, entry in value.items():
+                if not isinstance(name, str) or name.startswith(self.refused):
+                    return f"key {name!r} is not allowed here (no {'/'.join(self.refused)} keys)"
+                problem = self.check(entry, f"{key}.{name}")
+                if problem is not None:
+                    return problem
+            return None
+        if isinstance(value, list):
+            return next((p for p in (self.check(v, key) for v in value) if p is not None), None)
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return None
+        return f"must be plain data, not {type(value).__name__}"
+
+
+class Path_(Spec):  # noqa: N801 (reads as a type in SCHEMA)
+    """A file or folder: a path string, or in a student manifest `{"weights": "<path under the weights
+    folder>"}` (see `core.student_format`)."""
+
+    def check(self, value, key):
+        if isinstance(value, str):
+            return None
+        if isinstance(value, dict) and set(value) == {"weights"} and isinstance(value["weights"], str):
+            return None
+        return 'must be a path string or {"weights": "<path under the weights folder>"}'
+
+
+class TaggerSpec(Spec):
+    """A tagger: one of the known kinds (`kind`, or the `_target_` of its factory in a Hydra config)
+    with that kind's typed arguments, every required one present. Nothing else can be built."""
+
+    def __init__(self, kinds: dict[str, tuple[Group, tuple[str, ...]]]):
+        self.kinds = kinds
+
+    def check(self, value, key):
+        from addsr_pl.models.conditioning import TAGGER_TARGETS, tagger_kind
+
+        if not isinstance(value, dict):
+            return "must be a mapping"
+        try:
+            kind = tagger_kind(value)
+        except ValueError as error:
+            return str(error).removeprefix("conditioning.tagger ").removeprefix(f"{key} ")
+        fields, required = self.kinds[kind]
+        arguments = {k: v for k, v in value.items() if k not in ("kind", "_target_")}
+        missing = [name for name in required if name not in arguments]
+        if missing:
+            return f"{key}: {kind} tagger ({TAGGER_TARGETS[kind]}) needs {', '.join(missing)}"
+        return fields.check(arguments, key)
+
+
+def tagger_spec() -> TaggerSpec:
+    preprocess = {
+        "interpolation": Choice("bicubic", "bilinear", "nearest", "area"),
+        "antialias": Bool(),
+        "image_mean": ListOf(Float(), length=3),
+        "image_std": ListOf(Float(0, open_low=True), length=3),
+        "tag_separator": Str(),
+        "dtype": Choice("float32", "bfloat16", "float16"),
+    }
+    ram_architecture = Group({
+        **{name: POSITIVE for name in ("image_size", "patch_size", "embed_dim", "window_size", "representation_dim",
+                                        "num_classes", "head_layers", "head_hidden_size", "head_heads",
+                                        "head_intermediate_size")},
+        "depths": ListOf(POSITIVE), "num_heads": ListOf(POSITIVE), "mlp_ratio": Float(0, open_low=True),
+        "swin_norm_eps": Float(0, open_low=True), "head_norm_eps": Float(0, open_low=True),
+    })  # fmt: skip
+    ram = Group({"folder": Path_(), "architecture": ram_architecture, "checkpoint": Str(), "tag_list": Str(),
+                 "tag_thresholds": Str(), "dape": Optional(Path_()), "lora_alpha": Float(0, open_low=True),
+                 **preprocess})  # fmt: skip
+    ram_random = Group({"architecture": ram_architecture, "tag_list": ListOf(Str()),
+                        "class_thresholds": ListOf(Float(0, 1)), **preprocess})  # fmt: skip
+    # open_clip.CLIP's arguments; hf_/timm_ towers would download a model instead of reading the given file
+    openclip_config = Group({"embed_dim": POSITIVE, "vision_cfg": PlainData(("hf_", "timm_")),
+                             "text_cfg": PlainData(("hf_", "timm_")), "quick_gelu": Bool()})  # fmt: skip
+    openclip = Group({"model_name": Str(), "weights": Path_(), "vocabulary": OneOf(Path_(), ListOf(Str())),
+                      "model_config": Optional(openclip_config), "representation_dim": POSITIVE,
+                      "threshold": Float(0, 1), "top_k": POSITIVE, "projection_seed": Int(), **preprocess})  # fmt: skip
+    required_preprocess = ("interpolation", "antialias", "image_mean", "image_std", "tag_separator")
+    return TaggerSpec({
+        "ram": (ram, ("folder", "architecture", "checkpoint", "tag_list", "tag_thresholds", "dape", "lora_alpha",
+                      *required_preprocess)),
+        "ram_random": (ram_random, ("architecture", "tag_list", "class_thresholds", *required_preprocess)),
+        "openclip": (openclip, ("model_name", "weights", "vocabulary", "representation_dim", "threshold", "top_k",
+                                "projection_seed", *required_preprocess)),
+    })  # fmt: skip
+
+
+TAGGER = Optional(tagger_spec())
 TILING = Group({
     "vae_tile_size": POSITIVE,
     "vae_overlap": NONNEGATIVE,
@@ -529,13 +625,16 @@ SCHEMA: dict[str, Group] = {
             "psr_decoder": Choice(None, "vae", "tiny"),
             "batch_size": POSITIVE,
             "device": Str(),
+            "weights_dir": Str(),
             "color_fix": Choice("adain", "wavelet", "none"),
             "wavelet_levels": POSITIVE,
             "outscale": Optional(Float(0, open_low=True)),
             "suffix": Str(),
             "format": Choice(None, "png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"),
             "jpeg_quality": Int(1, 100),
-            "limits": Group({"min_input_side": POSITIVE, "max_output_pixels": POSITIVE}),
+            "limits": Group(
+                {"min_input_side": POSITIVE, "max_output_pixels": POSITIVE, "max_input_pixels": POSITIVE}
+            ),
             "tiling": TILING,
         }
     ),  # fmt: skip

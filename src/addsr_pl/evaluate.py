@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from addsr_pl.core.student_format import StudentFolderError
 from addsr_pl.evaluation.runner import Evaluation
 from addsr_pl.paths import config_dir
 
@@ -16,7 +19,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    for kind, path in evaluate(cfg).items():
+    try:
+        written = evaluate(cfg)
+    except StudentFolderError as error:
+        # a damaged or hostile student folder: the message names the file and the problem, no traceback
+        print(f"addsr-pl evaluate: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for kind, path in written.items():
         print(f"{kind}: {path}")
 
 

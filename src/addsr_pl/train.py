@@ -185,7 +185,7 @@ def export(cfg: DictConfig, module: pl.LightningModule) -> dict:
         return {}
     scale = int(cfg.data.scale)
     inference = {"psr": cfg.method.psr, "psr_weight": cfg.method.inference_psr_weight}
-    student = export_student(module, out / "student", scale, inference)
+    student = export_student(module, out / "student", scale, inference, cfg.paths.weights_dir)
     log.info("Exported the EMA student to %s", student)
     print(f"Exported student: {student}")
     return {"student": str(student)}

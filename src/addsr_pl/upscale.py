@@ -105,6 +105,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ..." + default(d["device"]))
     p.add_argument(
+        "--weights-dir",
+        help="where the student's weight references (SD2, RAM, DAPE files) are found after the student "
+        "folder itself" + default(d["weights_dir"]),
+    )
+    p.add_argument(
         "--outscale", type=float,
         help="output scale, > 0 (the x4 result is resized to it)" + default(d["outscale"] or "the model's, x4"),
     )  # fmt: skip
@@ -144,6 +149,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "seed",
         "precision",
         "device",
+        "weights_dir",
         "outscale",
         "color_fix",
         "format",

@@ -65,6 +65,7 @@ class Evaluation:
             check_schema(settings, "upscale")  # a bad `upscale.*` override fails before any model runs
             if cfg.precision is not None:
                 settings["precision"] = cfg.precision
+            settings["weights_dir"] = cfg.paths.weights_dir  # the student's weight references
             pipeline = AddSRPipeline.for_inference(cfg.student, settings, self.device)
             if pipeline.scale != int(cfg.scale):
                 raise ValueError(

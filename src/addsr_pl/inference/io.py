@@ -89,31 +89,58 @@ class LoadedImage:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path) -> LoadedImage:
-    """Read an image file; raise `ImageReadError` naming the file and the reason when it cannot."""
+def read_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
+    """Read an image file; raise `ImageReadError` naming the file and the reason when it cannot.
+
+    `max_pixels` bounds the memory before decoding: the size comes from the file's header (Pillow opens
+    lazily), and a file declaring more pixels is refused undecoded, as a decompression bomb (a small
+    PNG of one colour can declare 20000 x 20000 pixels, 1.2 GB decoded). Pillow's own bomb check is
+    set to the same limit for the call and its warning made an error, so no path decodes past it;
+    None keeps Pillow's default limit.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
+    previous = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so truncated or corrupt data fails here and not later
-            return _decode(path, image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels is not None:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+            with Image.open(path) as image:
+                _check_pixels(path, image.size, max_pixels)
+                image.load()  # decode now, so truncated or corrupt data fails here and not later
+                return _decode(path, image, max_pixels)
     except (ImageReadError, MemoryError):
         raise
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageReadError(
-            path, f"{error} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
-        ) from error
+            path, f"{error} Not decoded: raise limits.max_input_pixels if the file is trusted."
+        ) from None
     except Exception as error:  # any decoder failure of an untrusted file is a read error
         raise ImageReadError(path, f"{type(error).__name__}: {error}") from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decode(path: Path, image: Image.Image) -> LoadedImage:
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse, before decoding, an image whose declared (width, height) exceeds `max_pixels`."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(
+            path,
+            f"declares {width}x{height} pixels ({width * height / 1e6:.0f} MP), above limits.max_input_pixels "
+            f"({max_pixels}); not decoded (a decompression bomb?). Raise the limit in conf/upscale.yaml if the "
+            "file is trusted and memory allows.",
+        )
+
+
+def _decode(path: Path, image: Image.Image, max_pixels: int | None = None) -> LoadedImage:
     exif = image.getexif()
     orientation = int(exif.get(_ORIENTATION_TAG, 1))
     icc = image.info.get("icc_profile") or None
     fmt = image.format or "PNG"
-    high = _read_high_bit_depth(path, image)
+    high = _read_high_bit_depth(path, image, max_pixels)
     if high is not None:
         pixels, grayscale = high
         pixels = _orient(pixels, orientation)
@@ -178,15 +205,21 @@ def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, by
     return converted, srgb.tobytes()
 
 
-def _read_high_bit_depth(path: Path, image: Image.Image) -> tuple[np.ndarray, bool] | None:
+def _read_high_bit_depth(
+    path: Path, image: Image.Image, max_pixels: int | None = None
+) -> tuple[np.ndarray, bool] | None:
     """16-bit colour PNG or 16-bit TIFF as an [H, W, C] uint16 array (C = 1..4) and a grayscale flag;
-    None where Pillow decodes the file without loss."""
+    None where Pillow decodes the file without loss. The second decoder reads its own header: its size
+    is checked against `max_pixels` again before it decodes."""
     if image.format == "PNG":
         with path.open("rb") as handle:
-            header = handle.read(26)  # signature + IHDR: bit depth at 24, colour type at 25
+            header = handle.read(
+                26
+            )  # signature + IHDR: width, height at 16, bit depth at 24, colour type at 25
         bit_depth, color_type = header[24], header[25]
         if bit_depth != 16 or color_type == 0:  # 16-bit gray is Pillow's "I;16", read there
             return None
+        _check_pixels(path, struct.unpack(">II", header[16:24]), max_pixels)
         import cv2  # a pyiqa dependency; only needed for 16-bit colour PNG
 
         data = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -199,7 +232,7 @@ def _read_high_bit_depth(path: Path, image: Image.Image) -> tuple[np.ndarray, bo
         order = [2, 1, 0, 3] if data.shape[-1] == 4 else [2, 1, 0]
         return data[..., order], False
     if image.format == "TIFF" and 16 in _as_tuple(image.tag_v2.get(258, 8)):
-        return _read_tiff16(path)
+        return _read_tiff16(path, max_pixels)
     return None
 
 
@@ -207,11 +240,12 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _read_tiff16(path: Path) -> tuple[np.ndarray, bool]:
+def _read_tiff16(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        _check_pixels(path, (page.imagewidth, page.imagelength), max_pixels)
         data = page.asarray()
         axes, photometric = page.axes, int(page.photometric)
         extrasamples = tuple(int(e) for e in page.extrasamples)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from addsr_pl.core.sampler import (
     sample_student,
     upscale,
 )
-from addsr_pl.core.student_format import FORMAT, MANIFEST
+from addsr_pl.core.student_format import StudentFolderError
 from addsr_pl.inference.speed import (
     SamplerGraphs,
     SpeedSettings,
@@ -27,17 +25,18 @@ from addsr_pl.inference.speed import (
     apply_tf32,
     speed_settings,
 )
+from addsr_pl.inference.student import (
+    check_tagger,
+    load_component,
+    locate_components,
+    read_manifest,
+    tagger_resolver,
+)
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
 from addsr_pl.models.conditioning import Conditioner
-from addsr_pl.models.diffusion import require_file
 from addsr_pl.models.vae import VaeCodec
 
 log = logging.getLogger(__name__)
-
-
-def _load_class(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class AddSRPipeline:
@@ -343,51 +342,72 @@ class AddSRPipeline:
     @classmethod
     def for_inference(cls, folder: str | Path, settings: dict, device: torch.device | str) -> AddSRPipeline:
         """An exported student with the speed settings of `settings` (`conf/upscale.yaml` plus flags; a
-        null key takes the student's default) on `device`."""
-        pipeline = cls.from_folder(folder)
+        null key takes the student's default) on `device`; weight references are found through
+        `settings["weights_dir"]`."""
+        pipeline = cls.from_folder(folder, weights_dir=settings.get("weights_dir"))
         return pipeline.with_speed(speed_settings(settings, pipeline.speed_defaults), device)
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        weights_dir: str | Path | None = None,
     ):
-        """Load an exported student folder (`<run dir>/student/`)."""
-        folder = Path(folder).expanduser()
-        manifest_file = require_file(folder / MANIFEST, "exported student manifest", "--model")
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"{manifest_file} is not an addsr-pl student folder (format {manifest.get('format')!r})"
-            )
-        parts = {}
-        for name, spec in manifest["components"].items():
-            root = Path(spec["path"])
-            root = root if root.is_absolute() else folder / root
-            kwargs = {"subfolder": spec["subfolder"]} if "subfolder" in spec else {}
-            location = root / spec.get("subfolder", "")
-            require_file(
-                location, f"student component '{name}'", f"components.{name}.path in {manifest_file}"
-            )
-            parts[name] = _load_class(spec["class"]).from_pretrained(root, **kwargs)
+        """Load an exported student folder (`<run dir>/student/`).
+
+        The folder is data from anywhere (`inference.student`): its manifest and every file it names are
+        checked before any weight is read, components are made only from the known classes, weights only
+        from safetensors. `weights_dir` is where `{"weights": ...}` references are found after the folder
+        itself (then `$ADDSR_PL_WEIGHTS`, `./weights`). Any problem: `StudentFolderError`, one line.
+        """
+        manifest_file, manifest = read_manifest(folder)
+        located = locate_components(manifest_file, manifest, weights_dir)
+        check_tagger(manifest_file, manifest["conditioning"], weights_dir)
+        parts = {name: load_component(name, *where) for name, where in located.items()}
         sampler = manifest["sampler"]
+        try:
+            prediction_type = require_supported_prediction(parts["scheduler"], "student")
+        except ValueError as error:
+            raise StudentFolderError(f"{manifest_file}: {error}") from None
+        alphas_cumprod = parts["scheduler"].alphas_cumprod.clone().float()
+        if sampler["student_timesteps"][0] >= len(alphas_cumprod):
+            raise StudentFolderError(
+                f"{manifest_file}: sampler.student_timesteps = {sampler['student_timesteps']}: the scheduler "
+                f"has {len(alphas_cumprod)} timesteps; re-export the student"
+            )
         psr_decoder = None
         if "psr_decoder" in parts:
             from addsr_pl.models.psr_decoder import PsrDecoder
 
             psr_decoder = PsrDecoder(parts["psr_decoder"]).eval()
+        try:
+            conditioner = Conditioner.from_config(
+                parts["text_encoder"],
+                parts["tokenizer"],
+                parts["unet"],
+                manifest["conditioning"],
+                resolve=tagger_resolver(manifest_file, weights_dir),
+            ).eval()
+        except StudentFolderError:
+            raise
+        except Exception as error:  # a tagger file that does not load: this folder's problem, one line
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise StudentFolderError(
+                f"{manifest_file}: cannot build the tagger ({type(error).__name__}: {first})"
+            ) from None
         pipeline = cls(
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
             VaeCodec(parts["vae"]).eval(),
-            Conditioner.from_config(
-                parts["text_encoder"], parts["tokenizer"], parts["unet"], manifest["conditioning"]
-            ).eval(),
-            parts["scheduler"].alphas_cumprod.clone().float(),
+            conditioner,
+            alphas_cumprod,
             sampler["student_timesteps"],
             sampler["psr"],
             sampler["psr_weight"],
             manifest["scale"],
             psr_decoder=psr_decoder,
             speed_defaults=manifest.get("speed"),
-            prediction_type=require_supported_prediction(parts["scheduler"], "student"),
+            prediction_type=prediction_type,
         )
         return pipeline.to(device, dtype)

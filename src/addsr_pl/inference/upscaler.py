@@ -145,7 +145,8 @@ class Upscaler:
             groups: dict[tuple[int, ...], list[tuple[LoadedImage, Path]]] = {}
             for source, target in todo[first : first + batch_size]:
                 try:
-                    image = read_image(source)
+                    # the size is checked from the header: a decompression bomb is never decoded
+                    image = read_image(source, self.settings["limits"]["max_input_pixels"])
                     self.check_size(image.path, *image.size)
                 except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
                     self._fail(report, source, str(error))

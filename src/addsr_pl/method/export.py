@@ -2,25 +2,29 @@
 
 Layout: `addsr_student.json` names every component, its class and where it lives; the student's
 `unet/` and `controlnet/` (EMA weights, LoRA merged, fp32 safetensors) are always inside; frozen
-components that came from a folder are referenced there, the others are saved beside them.
+components that came from the weights folder (`paths.weights_dir`) are referenced relative to it, the
+others are saved beside them. The tagger's files are referenced the same way (or copied in), so the
+manifest holds no absolute path and the folder works on another machine (`core.student_format`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import shutil
 from pathlib import Path
 
 from torch import nn
 
-from addsr_pl.core.student_format import FORMAT, FORMAT_VERSION, MANIFEST
+from addsr_pl.core.student_format import FORMAT, FORMAT_VERSION, MANIFEST, class_name, weights_reference
 from addsr_pl.method.nonfinite import assert_finite_weights
+from addsr_pl.models.conditioning import TAGGER_PATHS, tagger_kind
 from addsr_pl.models.trainable import merged_state_dict
 
-
-def class_path(obj) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+log = logging.getLogger(__name__)
+# Where tagger files from outside the weights folder are copied inside the student folder.
+TAGGER_FOLDER = "tagger"
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -32,8 +36,41 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> Path:
-    """Write the EMA student of an AddSRModule to `out_dir` and return the folder."""
+def manifest_tagger(spec: dict | None, out: Path, weights_dir: str | Path | None) -> dict | None:
+    """The tagger as the manifest holds it: its `kind` and arguments, each file or folder a reference
+    under the weights folder, or (outside it) copied into `<student>/tagger/` and named relative to the
+    student folder."""
+    if not spec:
+        return None
+    kind = tagger_kind(spec)
+    tagger = {"kind": kind, **{k: v for k, v in spec.items() if k not in ("kind", "_target_")}}
+    for name in TAGGER_PATHS[kind]:
+        value = tagger[name]
+        if value is None or isinstance(value, list):
+            continue
+        reference = weights_reference(value, weights_dir)
+        if reference is not None:
+            tagger[name] = {"weights": reference}
+            continue
+        source = Path(value).expanduser()
+        target = out / TAGGER_FOLDER / source.name
+        log.info(
+            "The tagger's %s is outside paths.weights_dir (%s): copied into %s", name, weights_dir, target
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+        tagger[name] = target.relative_to(out).as_posix()
+    return tagger
+
+
+def export_student(
+    module, out_dir: str | Path, scale: int, inference: dict, weights_dir: str | Path | None = None
+) -> Path:
+    """Write the EMA student of an AddSRModule to `out_dir` and return the folder; frozen parts and
+    tagger files under `weights_dir` are referenced relative to it."""
     assert_finite_weights(module.ema.named_buffers(), "The EMA student")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +79,7 @@ def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> 
         for name in ("unet", "controlnet"):
             model = _plain_copy(getattr(module.student, name))
             model.save_pretrained(out / name, safe_serialization=True)
-            components[name] = {"class": class_path(model), "path": name}
+            components[name] = {"class": class_name(model), "path": name}
     frozen = {
         "vae": module.codec.vae,
         "text_encoder": module.conditioner.prompt_encoder.text_encoder,
@@ -51,19 +88,30 @@ def export_student(module, out_dir: str | Path, scale: int, inference: dict) -> 
     }
     for name, component in frozen.items():
         source = module.component_sources.get(name)
-        if source:
-            components[name] = {"class": class_path(component), "path": source, "subfolder": name}
+        reference = weights_reference(source, weights_dir) if source else None
+        if reference is not None:
+            components[name] = {"class": class_name(component), "weights": reference, "subfolder": name}
             continue
+        if source:
+            log.info(
+                "The %s of %s is outside paths.weights_dir (%s): saved into the student",
+                name,
+                source,
+                weights_dir,
+            )
         if isinstance(component, nn.Module):
             component = copy.deepcopy(component).float()
-        component.save_pretrained(out / name)
-        components[name] = {"class": class_path(component), "path": name}
+            component.save_pretrained(out / name, safe_serialization=True)
+        else:
+            component.save_pretrained(out / name)
+        components[name] = {"class": class_name(component), "path": name}
+    conditioning = {**module.hparams["conditioning"], "train_tags": "tagger"}  # inference tags with `tagger`
+    conditioning["tagger"] = manifest_tagger(conditioning.get("tagger"), out, weights_dir)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "components": components,
-        # inference needs no training-caption tagger
-        "conditioning": {**module.hparams["conditioning"], "train_tags": "tagger"},
+        "conditioning": conditioning,
         "sampler": {
             "student_timesteps": list(module.method["student_timesteps"]),
             "conditioning_scale": module.method["conditioning_scale"],

@@ -28,9 +28,8 @@ from torch import Tensor
 
 from addsr_pl.config import ConfigError, validate_weights
 from addsr_pl.core.sampler import upscale
-from addsr_pl.core.student_format import MANIFEST
+from addsr_pl.core.student_format import MANIFEST, class_name
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
-from addsr_pl.method.export import class_path
 from addsr_pl.models.psr_decoder import PsrDecoder, build_tiny_autoencoder
 from addsr_pl.models.vae import VaeCodec
 
@@ -125,7 +124,7 @@ def export_psr_decoder(module: PsrDecoderModule, out_dir: str | Path, student_di
             )
         shutil.copytree(folder, student / PSR_DECODER, dirs_exist_ok=True)
         manifest = json.loads(manifest_file.read_text())
-        manifest["components"][PSR_DECODER] = {"class": class_path(autoencoder), "path": PSR_DECODER}
+        manifest["components"][PSR_DECODER] = {"class": class_name(autoencoder), "path": PSR_DECODER}
         manifest_file.write_text(json.dumps(manifest, indent=2))
     return folder
 

@@ -143,6 +143,63 @@ PROMPT_JOINS = ("clean", "official")
 TRAIN_TAGS = ("tagger", "original_ram")
 
 
+# The taggers a config or an exported student may name, by kind; a Hydra config names a kind by its
+# factory's `_target_`. Nothing else is ever built from a tagger spec (a student's manifest is data).
+TAGGER_TARGETS = {
+    "ram": "addsr_pl.models.ram.RAMTagger.from_folder",
+    "ram_random": "addsr_pl.models.ram.RAMTagger.random",
+    "openclip": "addsr_pl.models.tagger.OpenCLIPTagger.from_local",
+}
+# Arguments of each kind that name a file or folder (resolved by the caller: see `build_tagger`).
+TAGGER_PATHS = {"ram": ("folder", "dape"), "ram_random": (), "openclip": ("weights", "vocabulary")}
+
+
+def tagger_kind(spec: dict) -> str:
+    """The kind of a tagger spec: its `kind`, or the kind whose factory its `_target_` names."""
+    if "kind" in spec:
+        if not isinstance(spec["kind"], str) or spec["kind"] not in TAGGER_TARGETS or "_target_" in spec:
+            raise ValueError(
+                f"conditioning.tagger kind = {spec['kind']!r}: must be one of {list(TAGGER_TARGETS)} "
+                "(and no _target_ beside it)"
+            )
+        return spec["kind"]
+    target = spec.get("_target_")
+    kinds = {factory: kind for kind, factory in TAGGER_TARGETS.items()}
+    if not isinstance(target, str) or target not in kinds:
+        raise ValueError(
+            f"conditioning.tagger _target_ = {target!r}: a tagger is one of {list(TAGGER_TARGETS.values())}"
+        )
+    return kinds[target]
+
+
+def _build(kind: str, arguments: dict) -> nn.Module:
+    if kind == "openclip":
+        from addsr_pl.models.tagger import OpenCLIPTagger
+
+        return OpenCLIPTagger.from_local(**arguments)
+    from addsr_pl.models.ram import RAMTagger
+
+    return RAMTagger.from_folder(**arguments) if kind == "ram" else RAMTagger.random(**arguments)
+
+
+def build_tagger(spec: dict, resolve: Callable[[object, str], object] | None = None) -> nn.Module:
+    """The tagger of a config's or a student's `conditioning.tagger`: its kind's factory called with the
+    spec's arguments, checked against their types first (`config.TAGGER`). `resolve(value, argument)`
+    turns each file or folder argument into a path (default: the value itself, a path string)."""
+    from addsr_pl.config import TAGGER
+
+    problem = TAGGER.check(spec, "conditioning.tagger")
+    if problem is not None:
+        raise ValueError(problem.replace("\n", "; "))
+    kind = tagger_kind(spec)
+    arguments = {k: v for k, v in spec.items() if k not in ("kind", "_target_")}
+    for name in TAGGER_PATHS[kind]:
+        value = arguments[name]
+        if value is not None and not isinstance(value, list):
+            arguments[name] = resolve(value, name) if resolve is not None else value
+    return _build(kind, arguments)
+
+
 class Conditioner(nn.Module):
     """Prompt text and representation of a batch of images in [0, 1].
 
@@ -184,23 +241,27 @@ class Conditioner(nn.Module):
 
     @classmethod
     def from_config(
-        cls, text_encoder: nn.Module, tokenizer, unet: nn.Module, conditioning: dict
+        cls,
+        text_encoder: nn.Module,
+        tokenizer,
+        unet: nn.Module,
+        conditioning: dict,
+        resolve: Callable[[object, str], object] | None = None,
     ) -> Conditioner:
         """The conditioner of a `conditioning` config group for these models: the representation is
-        used exactly when the UNet has SeeSR's image cross-attention."""
-        from hydra.utils import instantiate
-
+        used exactly when the UNet has SeeSR's image cross-attention. The tagger is one of the known
+        kinds (`build_tagger`; `resolve` finds its files)."""
         from addsr_pl.models.trainable import has_image_attention
 
         spec = conditioning.get("tagger")
-        tagger = instantiate(spec, _convert_="all") if spec else None
+        tagger = build_tagger(spec, resolve) if spec else None
         # train_tags: tagger (the same tags as at inference) | original_ram (that RAM without DAPE)
         train_tags = conditioning.get("train_tags", "tagger")
         if train_tags not in TRAIN_TAGS:
             raise ValueError(f"conditioning.train_tags = {train_tags!r}: must be one of {TRAIN_TAGS}")
         train_tagger = None
         if train_tags == "original_ram" and spec and spec.get("dape") is not None:
-            train_tagger = instantiate({**spec, "dape": None}, _convert_="all")
+            train_tagger = build_tagger({**spec, "dape": None}, resolve)
         prompt_encoder = PromptEncoder(
             text_encoder,
             tokenizer,
