@@ -40,6 +40,7 @@ from addsr_pl.core.sampler import add_noise, predict_x0, upscale
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 from addsr_pl.method.module import AddSRModule
+from addsr_pl.models.conditioning import build_tagger
 from addsr_pl.models.trainable import has_image_attention, select_trainable
 from addsr_pl.paths import config_dir
 
@@ -166,7 +167,7 @@ class PlainRecipe:
         self.vae, self.text_encoder, self.tokenizer = c.vae, c.text_encoder, c.tokenizer
         self.alphas = c.scheduler.alphas_cumprod.float().to(device)
         cond = parts["conditioning"]
-        self.tagger = instantiate(cond["tagger"], _convert_="all") if cond.get("tagger") else None
+        self.tagger = build_tagger(cond["tagger"]) if cond.get("tagger") else None
         self.prompt, self.positive = cond["prompt"], cond["positive_prompt"]
         self.image_attention = has_image_attention(c.unet)
         self.unet_t, self.cn_t = c.unet, c.controlnet

@@ -21,6 +21,7 @@ computed here, not loaded.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -387,6 +388,18 @@ class RAM(nn.Module):
         return embeds, self.tag_logits(embeds)
 
 
+def load_tensors(path: Path, what: str):
+    """A checkpoint of tensors, read with `weights_only=True`: a pickle that would build anything else
+    (and could run code) is refused, in one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{path}: not a plain {what} (only tensors are read, weights_only=True): {type(error).__name__}: {first}"
+        ) from None
+
+
 def load_ram_checkpoint(model: RAM, path: str | Path) -> dict[str, int]:
     """Load `ram_swin_large_14m.pth` (state dict under "model") into `model`, strictly for what RAM uses.
 
@@ -395,7 +408,7 @@ def load_ram_checkpoint(model: RAM, path: str | Path) -> dict[str, int]:
     path = _require_file(
         Path(path), "the RAM checkpoint", "download ram_swin_large_14m.pth once and place it there"
     )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors(path, "RAM checkpoint")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a RAM checkpoint: expected a dict with a state dict under 'model'")
@@ -440,7 +453,7 @@ def merge_dape(model: RAM, lora: str | Path | dict[str, Tensor], *, lora_alpha: 
     """
     if not isinstance(lora, dict):
         path = _require_file(Path(lora), "the DAPE LoRA file", "download SeeSR's DAPE.pth and place it there")
-        lora = torch.load(path, map_location="cpu", weights_only=True)
+        lora = load_tensors(path, "DAPE LoRA file")
     not_lora = [k for k in lora if ".lora_" not in k]
     if not_lora:
         raise ValueError(f"Not a DAPE LoRA file: keys without 'lora_', e.g. {not_lora[:3]}")

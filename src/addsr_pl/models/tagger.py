@@ -127,12 +127,17 @@ class OpenCLIPTagger(nn.Module):
                 f"Missing OpenCLIP weights: expected {weights}. Download the checkpoint for {model_name} "
                 "once and point `weights` at the local file."
             )
+        if ":" in model_name:  # `hf-hub:` / `local-dir:` schemas would fetch or read another model
+            raise ValueError(
+                f"OpenCLIP model_name = {model_name!r}: give a registered architecture name (e.g. ViT-B-16)"
+            )
+        # weights_only: the checkpoint's pickle may build tensors only, never run code
         if model_config is None:
-            model = open_clip.create_model(model_name, pretrained=str(weights))
+            model = open_clip.create_model(model_name, pretrained=str(weights), weights_only=True)
             tokenizer = open_clip.get_tokenizer(model_name)
         else:
             model = open_clip.CLIP(**model_config)
-            open_clip.load_checkpoint(model, str(weights))
+            open_clip.load_checkpoint(model, str(weights), weights_only=True)
             tokenizer = open_clip.SimpleTokenizer(context_length=model_config["text_cfg"]["context_length"])
         return cls(model, tokenizer, words, **kwargs)
 
