@@ -54,8 +54,6 @@ class Evaluation:
         self.cfg = cfg
         self.out_dir = Path(cfg.paths.output_dir)
         self.device = resolve_device(cfg.device)
-        m = cfg.metrics
-        self.suite = MetricSuite(m.names, int(cfg.scale), m.weights_dir, self.device, pretrained=m.pretrained)
         self.records: list[ImageRecord] = []
         self.timings: list[TimingRecord] = []
         self.upscaler = None
@@ -72,6 +70,9 @@ class Evaluation:
                     f"scale = {cfg.scale}, but the student at {cfg.student} is x{pipeline.scale}"
                 )
             self.upscaler = Upscaler(pipeline, settings)
+        # after the student: a damaged student folder fails before any metric network is made
+        m = cfg.metrics
+        self.suite = MetricSuite(m.names, int(cfg.scale), m.weights_dir, self.device, pretrained=m.pretrained)
 
     def score(
         self, method: str, dataset: str, name: str, steps: int | None, sr: Tensor, hr: Tensor | None

@@ -94,9 +94,9 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
 
     `max_pixels` bounds the memory before decoding: the size comes from the file's header (Pillow opens
     lazily), and a file declaring more pixels is refused undecoded, as a decompression bomb (a small
-    PNG of one colour can declare 20000 x 20000 pixels, 1.2 GB decoded). Pillow's own bomb check is
-    set to the same limit for the call and its warning made an error, so no path decodes past it;
-    None keeps Pillow's default limit.
+    PNG of one colour can declare 20000 x 20000 pixels, 4.8 GB as float RGB). This check replaces
+    Pillow's own for the call (`Image.MAX_IMAGE_PIXELS`, whose first level only warns); with None,
+    Pillow's limit applies and its warning is an error too.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,7 +106,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if max_pixels is not None:
-                Image.MAX_IMAGE_PIXELS = max_pixels
+                Image.MAX_IMAGE_PIXELS = None  # `_check_pixels` below, with the configured limit
             with Image.open(path) as image:
                 _check_pixels(path, image.size, max_pixels)
                 image.load()  # decode now, so truncated or corrupt data fails here and not later

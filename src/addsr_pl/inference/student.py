@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from addsr_pl.config import (
@@ -287,6 +288,23 @@ def locate_components(file: Path, manifest: dict, weights_dir: str | Path | None
     return located
 
 
+@contextmanager
+def quiet_loading():
+    """No loading progress bars from transformers / diffusers: stderr keeps one line per problem."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = [m.is_progress_bar_enabled() for m in (transformers_logging, diffusers_logging)]
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, on in zip((transformers_logging, diffusers_logging), shown):
+            if on:
+                module.enable_progress_bar()
+
+
 def load_component(name: str, cls: type, root: Path, subfolder: str | None):
     """One component from its checked folder: safetensors only, local files only."""
     from diffusers import ModelMixin
@@ -299,7 +317,8 @@ def load_component(name: str, cls: type, root: Path, subfolder: str | None):
         options["use_safetensors"] = True
     location = root / subfolder if subfolder else root
     try:
-        return cls.from_pretrained(root, **options)
+        with quiet_loading():
+            return cls.from_pretrained(root, **options)
     except Exception as error:  # any failure of a file from outside is this folder's problem, in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise _fail(

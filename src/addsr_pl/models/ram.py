@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -390,14 +391,19 @@ class RAM(nn.Module):
 
 def load_tensors(path: Path, what: str):
     """A checkpoint of tensors, read with `weights_only=True`: a pickle that would build anything else
-    (and could run code) is refused, in one line naming the file."""
+    (and could run code) is refused, in one line naming the file and what it tried to build."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [""])[0]
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        built = f" (it builds {unsafe.group(1)})" if unsafe else ""
         raise ValueError(
-            f"{path}: not a plain {what} (only tensors are read, weights_only=True): {type(error).__name__}: {first}"
+            f"{path}: refused, not a plain {what}{built}: only tensors are read (weights_only=True), since "
+            "unpickling anything else can run code"
         ) from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {first})") from None
 
 
 def load_ram_checkpoint(model: RAM, path: str | Path) -> dict[str, int]:
