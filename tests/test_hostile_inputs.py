@@ -305,7 +305,7 @@ def test_a_decompression_bomb_is_skipped_undecoded_and_the_others_are_written(ti
     assert bomb not in decoded and len(decoded) == 2
 
 
-def test_the_16_bit_readers_check_the_size_before_decoding(tmp_path):
+def test_16_bit_png_and_tiff_are_refused_by_their_size_too(tmp_path):
     from addsr_pl.inference.io import ImageReadError, encode_png16, read_image
 
     pixels = np.zeros((40, 50, 3), dtype=np.uint16)

@@ -110,7 +110,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
             with Image.open(path) as image:
                 _check_pixels(path, image.size, max_pixels)
                 image.load()  # decode now, so truncated or corrupt data fails here and not later
-                return _decode(path, image, max_pixels)
+                return _decode(path, image)
     except (ImageReadError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -135,12 +135,12 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         )
 
 
-def _decode(path: Path, image: Image.Image, max_pixels: int | None = None) -> LoadedImage:
+def _decode(path: Path, image: Image.Image) -> LoadedImage:
     exif = image.getexif()
     orientation = int(exif.get(_ORIENTATION_TAG, 1))
     icc = image.info.get("icc_profile") or None
     fmt = image.format or "PNG"
-    high = _read_high_bit_depth(path, image, max_pixels)
+    high = _read_high_bit_depth(path, image)
     if high is not None:
         pixels, grayscale = high
         pixels = _orient(pixels, orientation)
@@ -205,21 +205,16 @@ def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, by
     return converted, srgb.tobytes()
 
 
-def _read_high_bit_depth(
-    path: Path, image: Image.Image, max_pixels: int | None = None
-) -> tuple[np.ndarray, bool] | None:
+def _read_high_bit_depth(path: Path, image: Image.Image) -> tuple[np.ndarray, bool] | None:
     """16-bit colour PNG or 16-bit TIFF as an [H, W, C] uint16 array (C = 1..4) and a grayscale flag;
-    None where Pillow decodes the file without loss. The second decoder reads its own header: its size
-    is checked against `max_pixels` again before it decodes."""
+    None where Pillow decodes the file without loss. Its size was checked (`read_image`) from the same
+    header (PNG's IHDR, the TIFF's first page) that OpenCV and tifffile decode."""
     if image.format == "PNG":
         with path.open("rb") as handle:
-            header = handle.read(
-                26
-            )  # signature + IHDR: width, height at 16, bit depth at 24, colour type at 25
+            header = handle.read(26)  # signature + IHDR: bit depth at 24, colour type at 25
         bit_depth, color_type = header[24], header[25]
         if bit_depth != 16 or color_type == 0:  # 16-bit gray is Pillow's "I;16", read there
             return None
-        _check_pixels(path, struct.unpack(">II", header[16:24]), max_pixels)
         import cv2  # a pyiqa dependency; only needed for 16-bit colour PNG
 
         data = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -232,7 +227,7 @@ def _read_high_bit_depth(
         order = [2, 1, 0, 3] if data.shape[-1] == 4 else [2, 1, 0]
         return data[..., order], False
     if image.format == "TIFF" and 16 in _as_tuple(image.tag_v2.get(258, 8)):
-        return _read_tiff16(path, max_pixels)
+        return _read_tiff16(path)
     return None
 
 
@@ -240,12 +235,11 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _read_tiff16(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
+def _read_tiff16(path: Path) -> tuple[np.ndarray, bool]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        _check_pixels(path, (page.imagewidth, page.imagelength), max_pixels)
         data = page.asarray()
         axes, photometric = page.axes, int(page.photometric)
         extrasamples = tuple(int(e) for e in page.extrasamples)
