@@ -233,6 +233,7 @@ def test_a_missing_manifest(student, photo, capsys, tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "empty", "garbage_header"])
 def test_missing_or_damaged_safetensors(student, photo, capsys, damage):
+    """Each damage is found from the file itself, before any component's weights are read, and named."""
     folder, _, _ = student
     weights = folder / "controlnet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()
@@ -240,10 +241,13 @@ def test_missing_or_damaged_safetensors(student, photo, capsys, damage):
         weights.unlink()
         upscale_fails(capsys, photo, folder, str(folder / "controlnet"), "no safetensors weights")
         return
-    weights.write_bytes(
-        {"truncated": data[: len(data) // 2], "empty": b"", "garbage_header": b"\x10" * 64}[damage]
-    )
-    upscale_fails(capsys, photo, folder, str(weights), "safetensors")
+    damaged, problem = {
+        "truncated": (data[: len(data) // 2], "truncated safetensors file"),
+        "empty": (b"", "truncated safetensors file (0 bytes)"),
+        "garbage_header": (b"\x10" * 64, "not a safetensors file"),
+    }[damage]
+    weights.write_bytes(damaged)
+    upscale_fails(capsys, photo, folder, str(weights), problem)
 
 
 # ------------------------------------------------------------------------------------ images
