@@ -34,6 +34,7 @@ def test_every_shipped_setting_passes(make_cfg, overrides):
         ("+method.psr_wieght=0.5", r"method.psr_wieght: unknown key; did you mean method.psr_weight\?"),
         ("method.lambda_adv=high", "method.lambda_adv = 'high': must be a number >= 0"),
         ("method.ema_decay=1.5", r"method.ema_decay = 1.5: must lie in \[0, 1\]"),
+        ("method.loss_divisor=0", "method.loss_divisor = 0: must be > 0"),
         ("data.batch_size=0", "data.batch_size = 0: must be >= 1"),
         ("data.pin_memory=sometimes", "data.pin_memory = 'sometimes': must be true or false"),
         ("data.train.flip=yes", "data.train.flip = 'yes': must be true or false"),

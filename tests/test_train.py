@@ -1,5 +1,6 @@
 """Training end to end on the tiny model and the embedded sample photos (CPU)."""
 
+import logging
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from hydra.utils import instantiate
 
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.module import AddSRModule
-from addsr_pl.train import build_callbacks, build_trainer, train
+from addsr_pl.train import build_callbacks, build_trainer, stop_message_in_iterations, train
 
 from conftest import to_dicts
 
@@ -34,6 +35,9 @@ def test_the_training_command_leaves_a_checkpoint_and_the_student(tmp_path, cach
     assert "4/4" in last_bar and "it/s" in last_bar, last_bar
     assert "loss_g=" in last_bar and "loss_d=" in last_bar, last_bar
     assert "Epoch" not in done.stdout + done.stderr
+    # the end of the run in iterations, not in Lightning's optimizer steps (2 per iteration)
+    assert "`trainer.max_steps=4` iterations reached" in done.stdout + done.stderr
+    assert "max_steps=8" not in done.stdout + done.stderr
     # one CSV per run: the csv logger's metrics.csv
     assert sorted(run.rglob("*.csv")) == [run / "csv" / "version_0" / "metrics.csv"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -42,6 +46,20 @@ def test_the_training_command_leaves_a_checkpoint_and_the_student(tmp_path, cach
     assert not any(k.startswith(("teacher.", "codec.", "conditioner.")) for k in ckpt["state_dict"])
     assert any(k.startswith("ema.") for k in ckpt["state_dict"])
     assert any(k.startswith("discriminator.heads.") for k in ckpt["state_dict"])
+
+
+def test_the_max_steps_message_counts_iterations(caplog):
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    with caplog.at_level(logging.INFO), stop_message_in_iterations("addsr"):
+        rank_zero_info("`Trainer.fit` stopped: `max_steps=8` reached.")
+        rank_zero_info("`Trainer.fit` stopped: `max_epochs=3` reached.")
+    rank_zero_info("`Trainer.fit` stopped: `max_steps=6` reached.")  # outside a run of ours: Lightning's
+    assert caplog.messages == [
+        "Training stopped: `trainer.max_steps=4` iterations reached.",
+        "`Trainer.fit` stopped: `max_epochs=3` reached.",
+        "`Trainer.fit` stopped: `max_steps=6` reached.",
+    ]
 
 
 class GradientIsolation(pl.Callback):

@@ -490,6 +490,7 @@ SCHEMA: dict[str, Group] = {
             "ema_decay": Float(0, 1),
             "ema_every": Choice("iteration", "micro_step"),
             "accumulate_grad_batches": POSITIVE,
+            "loss_divisor": Float(0, open_low=True),
             "gd_order": Choice("generator_first", "discriminator_first"),
             "grad_clip_g": Optional(Float(0, open_low=True)),
             "grad_clip_d": Optional(Float(0, open_low=True)),

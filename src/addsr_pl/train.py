@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning_fabric.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core import rank_zero as lightning_rank_zero
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
@@ -32,6 +34,39 @@ log = logging.getLogger(__name__)
 # Lightning's step counter advances once per optimizer step: an AddSR iteration is a student and a
 # discriminator step, a teacher iteration one step.
 OPTIMIZER_STEPS_PER_ITERATION = {"addsr": 2, "teacher": 1, "psr_decoder": 1}
+
+
+class StopMessageInIterations(logging.Filter):
+    """Lightning ends a run with "`Trainer.fit` stopped: `max_steps=8` reached.", counted in optimizer
+    steps; this says it in iterations, the unit `trainer.max_steps` is given in."""
+
+    STOPPED = re.compile(r"`Trainer\.fit` stopped: `max_steps=(\d+)` reached\.")
+
+    def __init__(self, steps_per_iteration: int):
+        super().__init__()
+        self.steps_per_iteration = steps_per_iteration
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stopped = self.STOPPED.fullmatch(record.getMessage())
+        if stopped:
+            iterations = int(stopped[1]) // self.steps_per_iteration
+            record.msg, record.args = (
+                f"Training stopped: `trainer.max_steps={iterations}` iterations reached.",
+                (),
+            )
+        return True
+
+
+@contextmanager
+def stop_message_in_iterations(stage: str) -> Iterator[None]:
+    """`StopMessageInIterations` on the logger Lightning's rank-zero messages go to, for one fit."""
+    logger = lightning_rank_zero.log
+    message = StopMessageInIterations(OPTIMIZER_STEPS_PER_ITERATION[stage])
+    logger.addFilter(message)
+    try:
+        yield
+    finally:
+        logger.removeFilter(message)
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -213,7 +248,8 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [*build_callbacks(cfg), RunConfigInCheckpoint(config, changes)]
         trainer = build_trainer(cfg, callbacks, loggers)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            with stop_message_in_iterations(cfg.stage):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except Preempted:
             for callback in trainer.callbacks:
                 if isinstance(callback, Preemption):

@@ -296,7 +296,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             loss = loss_dis + m["lambda_adv"] * loss_adv
             self.nonfinite.check_loss("loss_dis", loss_dis)
             self.nonfinite.check_loss("loss_g_adv", loss_adv)
-            self.manual_backward(loss / m["accumulate_grad_batches"])
+            self.manual_backward(loss / self.loss_denominator())
         logs = {
             "loss_dis": loss_dis,
             "loss_g_adv": loss_adv,
@@ -324,8 +324,13 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
                 fake = self.discriminator(x0_image, c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
             self.nonfinite.check_loss("loss_d", loss_d)
-            self.manual_backward(loss_d / self.method["accumulate_grad_batches"])
+            self.manual_backward(loss_d / self.loss_denominator())
         return {"loss_d": loss_d, "d_real": real.mean(), "d_fake": fake.mean()}
+
+    def loss_denominator(self) -> float:
+        """Each loss is divided by this before its backward: the micro-batches accumulated into one
+        optimizer step times `method.loss_divisor` (official: 2, see conf/method/addsr.yaml)."""
+        return self.method["accumulate_grad_batches"] * self.method["loss_divisor"]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hr, lr = batch["hr"], batch["lr"]
