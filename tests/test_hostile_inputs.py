@@ -392,3 +392,30 @@ def test_a_copied_student_upscales_with_its_weights_folder_moved(tmp_path, cache
     monkeypatch.setenv("ADDSR_PL_WEIGHTS", str(moved))
     assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
     assert Image.open(tmp_path / "x4.png").size == (64, 48)
+
+
+def test_a_version_1_manifest_still_loads(student):
+    """Older students: import-path class names, an absolute folder that exists, the tagger's `_target_`
+    (one of the allowed factories, called directly)."""
+    from omegaconf import OmegaConf
+
+    from addsr_pl.inference.pipeline import AddSRPipeline
+    from addsr_pl.models.ram import RAMTagger
+    from addsr_pl.paths import config_dir
+
+    folder, manifest, write = student
+    manifest["version"] = 1
+    manifest["components"]["unet"]["class"] = "diffusers.models.unets.unet_2d_condition.UNet2DConditionModel"
+    manifest["components"]["text_encoder"]["class"] = "transformers.models.clip.modeling_clip.CLIPTextModel"
+    manifest["components"]["vae"] = {
+        "class": "diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",
+        "path": str(folder.resolve()),
+        "subfolder": "vae",
+    }
+    tagger = OmegaConf.to_container(OmegaConf.load(config_dir() / "conditioning" / "tiny_ram.yaml").tagger)
+    assert tagger["_target_"] == "addsr_pl.models.ram.RAMTagger.random"
+    manifest["conditioning"]["tagger"] = tagger
+    write(manifest)
+    pipeline = AddSRPipeline.from_folder(folder)
+    assert isinstance(pipeline.conditioner.tagger, RAMTagger)
+    assert pipeline.student_timesteps == manifest["sampler"]["student_timesteps"]

@@ -360,27 +360,31 @@ class Path_(Spec):  # noqa: N801 (reads as a type in SCHEMA)
         return 'must be a path string or {"weights": "<path under the weights folder>"}'
 
 
-class TaggerSpec(Spec):
-    """A tagger: one of the known kinds (`kind`, or the `_target_` of its factory in a Hydra config)
-    with that kind's typed arguments, every required one present. Nothing else can be built."""
+class TaggerSpec(Group):
+    """A tagger, or null: one of the known kinds (`kind`, or the `_target_` of its factory in a Hydra
+    config) with that kind's typed arguments, every required one present. Nothing else can be built.
+    A Group, so that its problems are reported under their own keys (never the whole value)."""
 
     def __init__(self, kinds: dict[str, tuple[Group, tuple[str, ...]]]):
+        super().__init__({})
         self.kinds = kinds
 
     def check(self, value, key):
         from addsr_pl.models.conditioning import TAGGER_TARGETS, tagger_kind
 
+        if value is None:
+            return None
         if not isinstance(value, dict):
-            return "must be a mapping"
+            return f"{key}: must be a mapping (a tagger) or null"
         try:
             kind = tagger_kind(value)
         except ValueError as error:
-            return str(error).removeprefix("conditioning.tagger ").removeprefix(f"{key} ")
+            return f"{key}: {str(error).removeprefix('conditioning.tagger ')}"
         fields, required = self.kinds[kind]
         arguments = {k: v for k, v in value.items() if k not in ("kind", "_target_")}
         missing = [name for name in required if name not in arguments]
         if missing:
-            return f"{key}: {kind} tagger ({TAGGER_TARGETS[kind]}) needs {', '.join(missing)}"
+            return f"{key}: the {kind} tagger ({TAGGER_TARGETS[kind]}) needs {', '.join(missing)}"
         return fields.check(arguments, key)
 
 
@@ -421,7 +425,7 @@ def tagger_spec() -> TaggerSpec:
     })  # fmt: skip
 
 
-TAGGER = Optional(tagger_spec())
+TAGGER = tagger_spec()
 TILING = Group({
     "vae_tile_size": POSITIVE,
     "vae_overlap": NONNEGATIVE,

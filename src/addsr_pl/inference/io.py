@@ -95,25 +95,23 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
     `max_pixels` bounds the memory before decoding: the size comes from the file's header (Pillow opens
     lazily), and a file declaring more pixels is refused undecoded, as a decompression bomb (a small
     PNG of one colour can declare 20000 x 20000 pixels, 4.8 GB as float RGB). This check replaces
-    Pillow's own for the call (`Image.MAX_IMAGE_PIXELS`, whose first level only warns); with None,
-    Pillow's limit applies and its warning is an error too.
+    Pillow's own for the call (`Image.MAX_IMAGE_PIXELS`, which only warns up to twice its limit, and
+    whose limit is not the configured one); with None, Pillow's own check applies as it is.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     previous = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if max_pixels is not None:
-                Image.MAX_IMAGE_PIXELS = None  # `_check_pixels` below, with the configured limit
-            with Image.open(path) as image:
-                _check_pixels(path, image.size, max_pixels)
-                image.load()  # decode now, so truncated or corrupt data fails here and not later
-                return _decode(path, image)
+        if max_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = None  # `_check_pixels` below, with the configured limit
+        with Image.open(path) as image:
+            _check_pixels(path, image.size, max_pixels)
+            image.load()  # decode now, so truncated or corrupt data fails here and not later
+            return _decode(path, image)
     except (ImageReadError, MemoryError):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except Image.DecompressionBombError as error:
         raise ImageReadError(
             path, f"{error} Not decoded: raise limits.max_input_pixels if the file is trusted."
         ) from None
