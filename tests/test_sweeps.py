@@ -1,6 +1,7 @@
 """Multirun sweeps: one job folder and one offline wandb run per job, one group per sweep, crashed jobs
 marked failed; the ablation grid and the SLURM preset compose."""
 
+import importlib.util
 import json
 import os
 import struct
@@ -185,3 +186,19 @@ def test_the_slurm_preset_composes_onto_the_submitit_launcher(tmp_path):
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)
     assert default.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+def test_slurm_launcher_without_its_extra_names_the_pip_command(capsys):
+    from addsr_pl.train import check_launcher_extras
+
+    try:
+        installed = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        pytest.skip("hydra-submitit-launcher is installed here")
+    check_launcher_extras(["-m", "hparams_search=ablation", "hydra/launcher=basic"])  # Hydra's own: passes
+    with pytest.raises(SystemExit) as stop:
+        check_launcher_extras(["-m", "hparams_search=ablation", "hydra/launcher=slurm"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith('pip install -e ".[slurm]"')

@@ -252,5 +252,33 @@ def main(cfg: DictConfig) -> float | None:
     return result["metrics"].get("val/psnr_1step")
 
 
+# Hydra launchers that live in an optional extra: (plugin module, extra). Without the plugin Hydra only
+# says it "could not load 'hydra/launcher/submitit_slurm'", before any code here runs.
+LAUNCHER_EXTRAS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+
+
+def check_launcher_extras(overrides: list[str]) -> None:
+    """Exit with one line naming the pip command when a `hydra/launcher=` override needs a missing extra."""
+    import importlib.util
+
+    for override in overrides:
+        group, _, name = override.partition("=")
+        if group.lstrip("+~") != "hydra/launcher" or name not in LAUNCHER_EXTRAS:
+            continue
+        module, extra = LAUNCHER_EXTRAS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            print(
+                f"addsr-pl train: error: hydra/launcher={name} needs hydra-submitit-launcher, which is not "
+                f'installed: pip install -e ".[{extra}]"',
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_launcher_extras(sys.argv[1:])
     main()
