@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from addsr_pl.config import validate
+from addsr_pl.evaluation.sweeps import job_metrics
 from addsr_pl.paths import config_dir
 from addsr_pl.train import train
 
@@ -134,6 +135,9 @@ def test_a_2x2_multirun_gives_four_jobs_and_four_wandb_runs_in_one_group(tmp_pat
         assert f"method.teacher_condition={method['teacher_condition']}" in name
         assert run["config"]["paths"]["output_dir"] == str(sweep / name)  # the resolved config
         assert {"train/loss_dis", "train/loss_d", "train/ta_weight"} <= run["history"]
+        # what the sweep notebook reads from a wandb sweep (it has no metrics.csv)
+        logged = job_metrics(sweep / name)
+        assert {"train/loss_dis", "train/loss_d", "train/ta_weight"} <= logged.keys()
 
 
 def test_a_crashed_job_is_marked_failed_and_the_next_job_gets_its_own_run(make_cfg, monkeypatch):
