@@ -7,8 +7,9 @@ may use what an earlier one of its document wrote, as a reader would). How a com
 * The interpreter's `bin/` folder comes first on PATH, as after `source .venv/bin/activate` (which the
   README asks for), so `python` and `addsr-pl` are this environment's; PYTHONPATH points at the copy's
   `src/`, WANDB_MODE=offline, and the run has no GPU.
-* Placeholder inputs are created first in the copy: `photo.png` and `photos/` (small photos), and
-  `/data/RealSR` (tiny LR/HR pairs; the path is rewritten to the copy's `data/RealSR`).
+* Placeholder inputs are created first in the copy: `photo.png` and `photos/` (small photos),
+  `hr_images/` (six HR images), and `/data/RealSR` (tiny LR/HR pairs; the path is rewritten to the
+  copy's `data/RealSR`).
 * Commands that cannot run here are skipped by a visible rule, and every skipped command is printed
   with its rule (`pytest -s` shows them; the list is also in the assertion message on failure):
   a `<!-- doc-test: skip REASON -->` line right above a block skips the block; otherwise SKIP_RULES
@@ -46,7 +47,7 @@ SKIP_RULES = [
 ]
 # these placeholder paths are created in the copy and rewritten to it
 PATH_PLACEHOLDERS = {"/data/RealSR": "data/RealSR"}
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 def shell_blocks(path: Path) -> list[tuple[int, str, str | None]]:
@@ -73,9 +74,9 @@ def commands(block: str) -> list[str]:
         line = line.removeprefix("$ ")
         if not current and (not line.strip() or line.lstrip().startswith("#")):
             continue
-        current += line.rstrip()
+        current += line.strip() if current else line.rstrip()
         if current.endswith("\\"):
-            current = current[:-1] + " "
+            current = current[:-1].rstrip() + " "
             continue
         out.append(current.strip())
         current = ""
@@ -113,6 +114,8 @@ def copy_repo(dest: Path) -> Path:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
 
     photo(dest / "photo.png", 64)
+    for index in range(6):
+        photo(dest / "hr_images" / f"{index}.png", 160)
     for name in ("a", "b"):
         photo(dest / "photos" / f"{name}.png", 64)
         photo(dest / "data" / "RealSR" / "test_HR" / f"{name}.png", 64)
@@ -138,7 +141,7 @@ def test_the_extraction_finds_the_documented_commands():
     found = all_commands()
     readme = [c for d, _, c, _ in found if d.name == "README.md"]
     assert "make demo" in " ".join(readme) and any(c.startswith("python -m addsr_pl.train") for c in readme)
-    assert commands("a \\\n  b  # note\n# only a comment\n$ c") == ["a  b  # note", "c"]
+    assert commands("a \\\n  b  # note\n# only a comment\n$ c") == ["a b  # note", "c"]
     assert skip_reason("python -m addsr_pl.train model=sd2 trainer=gpu") == "needs: weights (SD2 / SeeSR)"
     assert skip_reason("python -m addsr_pl.train model=tiny trainer=cpu trainer.max_steps=1") is None
 
@@ -171,6 +174,6 @@ def test_documented_commands_run_as_written(doc, tmp_path):
             f"{doc.name}:{line}: `{written}` exited {proc.returncode}:\n{output[-3000:]}"
         )
         # a message every start printed once (an eager third-party import), never to come back
-        assert "gemm_4bit_forward" not in output, (
-            f"{doc.name}:{line}: `{written}` printed bitsandbytes' warning"
+        assert "gemm_4bit_forward" not in output and "quantization-bitsandbytes" not in output, (
+            f"{doc.name}:{line}: `{written}` printed bitsandbytes' kernel warning"
         )
