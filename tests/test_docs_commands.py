@@ -38,7 +38,7 @@ SKIP_RULES = [
     (r"model=sd2|/weights/|--preset (sd2|seesr)(?!.*--plan-only)", "needs: weights (SD2 / SeeSR)"),
     (
         r"trainer=(gpu|ddp|ddp_zero)\b|trainer\.devices=8|^torchrun|^srun|--device cuda|-m gpu"
-        r"|bench/gpu_check\.sh(?!.*--smoke)|# CUDA|# on one H100",
+        r"|bench/gpu_check\.sh(?!.*--smoke)",
         "needs: gpu",
     ),
     (r"/data/hr\b", "needs: data (your HR images, full-length training)"),
@@ -84,13 +84,7 @@ def commands(block: str) -> list[str]:
 
 
 def skip_reason(command: str) -> str | None:
-    text = (
-        re.sub(r"\s+#.*$", "", command) if "# CUDA" not in command and "# on one" not in command else command
-    )
-    for pattern, reason in SKIP_RULES:
-        if re.search(pattern, text) or re.search(pattern, command):
-            return reason
-    return None
+    return next((reason for pattern, reason in SKIP_RULES if re.search(pattern, command)), None)
 
 
 def all_commands() -> list[tuple[Path, int, str, str | None]]:
