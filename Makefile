@@ -5,6 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch pins for these machines; the package itself only asks for a range (setup.cfg).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Without an NVIDIA driver (no nvidia-smi), torch comes from PyTorch's CPU wheel index (about 1 GB
+# instead of 7 GB of CUDA wheels); when that index cannot be reached within a few seconds the default
+# index is used. TORCH_CPU_INDEX= (empty) always takes the default index.
+TORCH_CPU_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -15,6 +19,11 @@ help: ## list the targets
 $(VENV)/.install.stamp: setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH_CPU_INDEX)" ]; then \
+		echo "no nvidia-smi: torch's CPU build from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install -q --no-deps --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) $(TORCH_PINS) \
+			|| echo "$(TORCH_CPU_INDEX) cannot be reached: torch from the default index"; \
+	fi
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@

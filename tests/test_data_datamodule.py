@@ -271,3 +271,46 @@ def test_workers_seed_global_rngs_reproducibly():
     assert torch.equal(first, second)
     assert len(set(first.tolist())) == len(first)  # the two workers do not repeat each other
     assert not torch.equal(first, draws(4))
+
+
+def _hr_folder(root, sizes):
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def test_folder_holds_out_a_validation_split_by_seed(tmp_path):
+    root = _hr_folder(tmp_path / "hr", [40] * 10)
+    overrides = [f"data.train.root={root}", "data.crop_size=32", "data.val_count=3", "data.num_workers=0"]
+    dm = hydra.utils.instantiate(compose_data_named("folder", *overrides))
+    held = [p.name for p in dm.val_set.files]
+    assert len(held) == 3 and len(dm.train_set) == 7
+    assert not set(held) & {p.name for p in dm.train_set.files}
+    item = dm.val_set[0]
+    assert item["hr"].shape == (3, 32, 32) and item["lr"].shape == (3, 8, 8) and item["name"] == held[0][:-4]
+    again = hydra.utils.instantiate(compose_data_named("folder", *overrides))
+    assert [p.name for p in again.val_set.files] == held
+    other = hydra.utils.instantiate(compose_data_named("folder", *overrides, "data.seed=8"))
+    assert [p.name for p in other.val_set.files] != held
+    given = hydra.utils.instantiate(compose_data_named("folder", *overrides, "data.val_count=0"))
+    assert given.val_set is None and len(given.train_set) == 10
+
+
+def test_folder_warns_once_about_images_smaller_than_the_crop(tmp_path):
+    root = _hr_folder(tmp_path / "hr", [16, 20, 64, 64])
+    overrides = [f"data.train.root={root}", "data.crop_size=32", "data.val_count=0", "data.batch_size=2"]
+    with pytest.warns(UserWarning) as record:
+        hydra.utils.instantiate(compose_data_named("folder", *overrides))
+    messages = [str(w.message) for w in record if "smaller than" in str(w.message)]
+    assert len(messages) == 1 and "2 of the 4 images" in messages[0] and "32x32" in messages[0]
+
+
+def test_folder_cpu_is_folder_with_cpu_sizes():
+    cpu, full = compose_data_named("folder_cpu"), compose_data_named("folder")
+    assert cpu.crop_size < full.crop_size and cpu.num_workers == 0 and cpu.val_count > 0
+    assert cpu.train._target_ == full.train._target_

@@ -252,6 +252,7 @@ def test_unreadable_training_files_are_counted_in_the_logs(make_cfg, tmp_path):
     (root / "img_5.png").write_bytes(b"not an image")
     cfg = make_cfg([
         *FAST, "data=folder", f"data.train.root={root}", "data/degradation=bicubic", "data.num_workers=0",
+        "data.val_count=0",
         "data.pin_memory=false", "data.persistent_workers=false", "data.max_bad_fraction=0.5", "trainer.max_steps=3",
     ])  # fmt: skip
     train(cfg)

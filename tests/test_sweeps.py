@@ -1,6 +1,7 @@
 """Multirun sweeps: one job folder and one offline wandb run per job, one group per sweep, crashed jobs
 marked failed; the ablation grid and the SLURM preset compose."""
 
+import importlib.util
 import json
 import os
 import struct
@@ -17,6 +18,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from addsr_pl.config import validate
+from addsr_pl.evaluation.sweeps import job_metrics
 from addsr_pl.paths import config_dir
 from addsr_pl.train import train
 
@@ -133,6 +135,9 @@ def test_a_2x2_multirun_gives_four_jobs_and_four_wandb_runs_in_one_group(tmp_pat
         assert f"method.teacher_condition={method['teacher_condition']}" in name
         assert run["config"]["paths"]["output_dir"] == str(sweep / name)  # the resolved config
         assert {"train/loss_dis", "train/loss_d", "train/ta_weight"} <= run["history"]
+        # what the sweep notebook reads from a wandb sweep (it has no metrics.csv)
+        logged = job_metrics(sweep / name)
+        assert {"train/loss_dis", "train/loss_d", "train/ta_weight"} <= logged.keys()
 
 
 def test_a_crashed_job_is_marked_failed_and_the_next_job_gets_its_own_run(make_cfg, monkeypatch):
@@ -185,3 +190,19 @@ def test_the_slurm_preset_composes_onto_the_submitit_launcher(tmp_path):
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)
     assert default.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+def test_slurm_launcher_without_its_extra_names_the_pip_command(capsys):
+    from addsr_pl.train import check_launcher_extras
+
+    try:
+        installed = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        pytest.skip("hydra-submitit-launcher is installed here")
+    check_launcher_extras(["-m", "hparams_search=ablation", "hydra/launcher=basic"])  # Hydra's own: passes
+    with pytest.raises(SystemExit) as stop:
+        check_launcher_extras(["-m", "hparams_search=ablation", "hydra/launcher=slurm"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith('pip install -e ".[slurm]"')

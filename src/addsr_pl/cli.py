@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(COMMANDS[argv[0]])
     if argv[0] == "upscale":
         return command.main(argv[1:])
+    if argv[0] == "train":
+        command.check_launcher_extras(argv[1:])
     sys.argv = [f"addsr-pl {argv[0]}", *argv[1:]]  # Hydra reads its overrides from sys.argv
     command.main()
     return 0

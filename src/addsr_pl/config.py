@@ -321,7 +321,8 @@ LR_SCHEDULER = Target()
 DATASET = Optional(Target(names=ListOf(Str()), crop_size=POSITIVE, flip=Bool(), repeats=POSITIVE, seed=Int(),
                           scale=POSITIVE, root=Str(), recursive=Bool(), file_list=PATH, first_n=Optional(POSITIVE),
                           lr_subdir=Str(), hr_subdir=Str(), parts=ANY, pages=POSITIVE, page_size=POSITIVE,
-                          seeds=ListOf(NONNEGATIVE), font_sizes=ListOf(POSITIVE, length=2)))  # fmt: skip
+                          seeds=ListOf(NONNEGATIVE), font_sizes=ListOf(POSITIVE, length=2),
+                          check_sizes=Bool()))  # fmt: skip
 
 
 class PlainData(Spec):
@@ -557,6 +558,7 @@ SCHEMA: dict[str, Group] = {
         persistent_workers=Bool(),
         seed=Int(),
         max_bad_fraction=PROBABILITY,
+        val_count=NONNEGATIVE,
         train=DATASET,
         val=DATASET,
         test=DATASET,

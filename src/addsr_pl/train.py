@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning_fabric.utilities.rank_zero import rank_zero_only
@@ -26,6 +27,7 @@ from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
+from addsr_pl.models.diffusion import MissingWeightsError, WeightsMismatchError
 from addsr_pl.paths import config_dir
 from addsr_pl.resume import ResumeError, RunConfigInCheckpoint, check_resume, resolve_ckpt_path
 
@@ -273,14 +275,46 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
-    except (ConfigError, ResumeError) as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+    except (ConfigError, ResumeError, InstantiationException) as error:
+        # Hydra wraps what a component raises; a weight folder that is missing or does not fit is the
+        # user's to fix like a wrong value
+        cause = error.__cause__ if isinstance(error, InstantiationException) else error
+        fixable = (ConfigError, ResumeError, MissingWeightsError, WeightsMismatchError)
+        if not isinstance(cause, fixable) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one bad cell of a sweep fails that job, not the sweep
         # a wrong value or a refused resume: the message names the fix, no traceback (exit code 2)
-        print(f"addsr-pl train: error: {error}", file=sys.stderr)
+        print(f"addsr-pl train: error: {cause}", file=sys.stderr)
         sys.exit(2)
     return result["metrics"].get("val/psnr_1step")
 
 
+# Hydra launchers that live in an optional extra: (plugin module, extra). Without the plugin Hydra only
+# says it "could not load 'hydra/launcher/submitit_slurm'", before any code here runs.
+LAUNCHER_EXTRAS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+
+
+def check_launcher_extras(overrides: list[str]) -> None:
+    """Exit with one line naming the pip command when a `hydra/launcher=` override needs a missing extra."""
+    import importlib.util
+
+    for override in overrides:
+        group, _, name = override.partition("=")
+        if group.lstrip("+~") != "hydra/launcher" or name not in LAUNCHER_EXTRAS:
+            continue
+        module, extra = LAUNCHER_EXTRAS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            print(
+                f"addsr-pl train: error: hydra/launcher={name} needs hydra-submitit-launcher, which is not "
+                f'installed: pip install -e ".[{extra}]"',
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_launcher_extras(sys.argv[1:])
     main()

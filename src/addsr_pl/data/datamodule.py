@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from addsr_pl.data.datasets import BAD_FILES_KEY, collate_samples
+from addsr_pl.data.datasets import (
+    BAD_FILES_KEY,
+    HeldOutPairedDataset,
+    HRFolderDataset,
+    collate_samples,
+    hold_out,
+)
 from addsr_pl.data.rng import mix_seed
 
 
@@ -153,6 +159,8 @@ class AddSRDataModule(pl.LightningDataModule):
         seed: base seed of the shuffling, crops and degradations.
         max_bad_fraction: share of unreadable training files tolerated before the run stops.
         test: test dataset (fixed pairs or LR-only); the validation set when None.
+        val_count: with no `val`, hold out this many files of a folder training set (chosen by `seed`,
+            never trained on) as validation pairs: centre crops and their bicubic LR; 0: none.
         rank, world_size: override the trainer's values (for use without a Trainer).
     """
 
@@ -171,6 +179,7 @@ class AddSRDataModule(pl.LightningDataModule):
         seed: int = 0,
         max_bad_fraction: float = 0.01,
         test: Dataset | None = None,
+        val_count: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -185,6 +194,14 @@ class AddSRDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key} must be at least 1, got {value}.")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+        if val is None and val_count > 0:
+            if not isinstance(train, HRFolderDataset):
+                raise ValueError(
+                    f"data.val_count={val_count} holds files out of a folder training set (data=folder); "
+                    "set it to 0 or give data.val."
+                )
+            held_out = hold_out(train, val_count, mix_seed(seed, 0))
+            val = HeldOutPairedDataset(held_out, train.root, crop_size, scale)
         self.train_set, self.val_set, self.test_set = train, val, test
         self.degradation = degradation
         self.scale, self.crop_size = scale, crop_size

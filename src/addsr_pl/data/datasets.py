@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from addsr_pl.data.degradation import BicubicDegradation
-from addsr_pl.data.io import ImageReadError, list_images, read_rgb, to_tensor
+from addsr_pl.data.io import ImageReadError, image_size, list_images, read_rgb, to_tensor
 from addsr_pl.data.rng import mix_seed
 
 BAD_FILES_KEY = "bad_files"
@@ -83,6 +83,7 @@ class HRFolderDataset(Dataset):
             first 20k of LSDIR or 10k of FFHQ.
         flip: random horizontal flips.
         seed: seed for plain-integer indexing; the data module's sampler passes per-item seeds.
+        check_sizes: read every file's header once and warn (once) when some are smaller than the crop.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class HRFolderDataset(Dataset):
         first_n: int | None = None,
         flip: bool = True,
         seed: int = 0,
+        check_sizes: bool = False,
     ):
         self.root = Path(root)
         self.crop_size = int(crop_size)
@@ -114,6 +116,8 @@ class HRFolderDataset(Dataset):
                 + "; point the data path at a folder of .png/.jpg/... files."
             )
         self._known_bad: set[int] = set()
+        if check_sizes:
+            warn_small_images(self.files, self.crop_size, self.root)
 
     def _read_file_list(self, file_list: Path) -> list[Path]:
         if not file_list.is_file():
@@ -145,6 +149,59 @@ class HRFolderDataset(Dataset):
         array, skipped = self.read(index)
         crop = random_crop_flip(array, self.crop_size, self.flip, draw_seed)
         return {"hr": to_tensor(crop), BAD_FILES_KEY: skipped}
+
+
+def warn_small_images(files: Sequence[Path], crop_size: int, root: Path) -> None:
+    """One warning naming how many `files` are smaller than the crop (read from their headers only).
+
+    Such images are reflect-padded up to the crop, as the official code does, which trains on mirrored
+    content; unreadable files are left to the reader's own warning.
+    """
+    small = [path for path in files if (size := image_size(path)) is not None and min(size) < crop_size]
+    if small:
+        warnings.warn(
+            f"{len(small)} of the {len(files)} images under {root} are smaller than the {crop_size}x{crop_size} "
+            f"crop (e.g. {small[0]}); they are reflect-padded up to it. Lower data.crop_size or remove them.",
+            stacklevel=3,
+        )
+
+
+def hold_out(dataset: HRFolderDataset, count: int, seed: int) -> list[Path]:
+    """Move `count` files, chosen by `seed`, out of `dataset` (it never trains on them); return them."""
+    if count >= len(dataset.files):
+        raise ValueError(
+            f"data.val_count={count} would hold out every one of the {len(dataset.files)} images under "
+            f"{dataset.root}; lower it (0 = no validation split)."
+        )
+    order = torch.randperm(len(dataset.files), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    kept = [path for i, path in enumerate(dataset.files) if i not in held]
+    held_out = [path for i, path in enumerate(dataset.files) if i in held]
+    dataset.files, dataset._known_bad = kept, set()
+    return held_out
+
+
+class HeldOutPairedDataset(Dataset):
+    """Fixed validation pairs from HR files: centre `crop_size` crops and their bicubic LR."""
+
+    def __init__(self, files: Sequence[Path], root: Path, crop_size: int, scale: int):
+        self.files, self.root = list(files), Path(root)
+        self.crop_size = int(crop_size)
+        self.degradation = BicubicDegradation(scale)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        hr = to_tensor(center_crop(read_rgb(path), self.crop_size))[None]
+        hr_target, lr = self.degradation(hr)
+        name = (
+            path.relative_to(self.root).with_suffix("").as_posix()
+            if path.is_relative_to(self.root)
+            else path.stem
+        )
+        return {"hr": hr_target[0], "lr": lr[0], "name": name}
 
 
 class ConcatHRDataset(Dataset):

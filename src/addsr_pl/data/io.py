@@ -60,6 +60,15 @@ def _read_16bit_colour(path: Path) -> np.ndarray:
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding its pixels; None if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except READ_ERRORS:
+        return None
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to an ``H x W x 3`` ``uint8`` or ``uint16`` RGB array.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -28,6 +29,56 @@ SD2_LAYOUT = {
 
 class MissingWeightsError(FileNotFoundError):
     """A weight folder or file the configuration points at does not exist."""
+
+
+class WeightsMismatchError(ValueError):
+    """A weight folder holds weights that do not fit the configured model: some would be dropped or missing."""
+
+
+IMAGE_ATTENTION_KEY = ".image_attentions."
+SEESR_HINT = (
+    "this folder holds SeeSR weights (image attentions): use model=sd2_seesr conditioning=ram with "
+    "model.components.seesr_path=<folder> (tiny preset: model=tiny_seesr conditioning=tiny_ram)"
+)
+PLAIN_HINT = (
+    "this folder holds weights without SeeSR's image attentions: use model=sd2 (tiny preset: model=tiny), "
+    "or model.components.hybrid=true to add fresh image attentions to an SD2 UNet"
+)
+
+
+def load_checked(cls, root: Path, subfolder: str, key: str) -> nn.Module:
+    """`cls.from_pretrained(root, subfolder=subfolder)`, refused when any weight is dropped or missing.
+
+    diffusers only warns when a checkpoint's keys do not fit the class (a SeeSR folder read by the plain
+    UNet silently loses every image attention), so the keys are compared here and any difference is an
+    error naming the folder, a few keys and the fix (`key` is the config key that chose the folder).
+    """
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers' own warning lists every key (thousands of lines for SD2); the error below replaces it
+    diffusers_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(root, subfolder=subfolder, output_loading_info=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    unexpected = list(info.get("unexpected_keys") or [])
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []]
+    if not (unexpected or missing or mismatched):
+        return model
+    if any(IMAGE_ATTENTION_KEY in k for k in unexpected):
+        fix = SEESR_HINT
+    elif any(IMAGE_ATTENTION_KEY in k for k in missing):
+        fix = PLAIN_HINT
+    else:
+        fix = f"set `{key}` to a folder saved from a model of this configuration"
+    found = [
+        f"{len(keys)} {kind} (e.g. {', '.join(sorted(keys)[:3])})"
+        for kind, keys in (("unused", unexpected), ("missing", missing), ("of another shape", mismatched))
+        if keys
+    ]
+    raise WeightsMismatchError(
+        f"{Path(root) / subfolder}: its weights do not fit {cls.__name__}: {'; '.join(found)} keys; {fix}."
+    )
 
 
 @dataclass
@@ -82,7 +133,7 @@ def load_sd2_components(
     require_file(
         unet_root / "unet" / "config.json", "teacher UNet (unet/config.json)", "model.components.unet_path"
     )
-    unet = UNet2DConditionModel.from_pretrained(unet_root, subfolder="unet")
+    unet = load_checked(UNet2DConditionModel, unet_root, "unet", "model.components.unet_path")
     if controlnet_path:
         cn_root = Path(controlnet_path).expanduser()
         require_file(
@@ -90,7 +141,7 @@ def load_sd2_components(
             "teacher ControlNet (controlnet/config.json)",
             "model.components.controlnet_path",
         )
-        controlnet = ControlNetModel.from_pretrained(cn_root, subfolder="controlnet")
+        controlnet = load_checked(ControlNetModel, cn_root, "controlnet", "model.components.controlnet_path")
     else:
         controlnet = ControlNetModel.from_unet(unet)
     return DiffusionComponents(
@@ -132,10 +183,19 @@ def load_seesr_components(pretrained_path: str, seesr_path: str, hybrid: bool = 
     if hybrid:
         unet = SeeSRUNet2DConditionModel.from_sd_and_seesr(root, seesr, subfolder="unet")
     else:
-        unet = SeeSRUNet2DConditionModel.from_pretrained(seesr, subfolder="unet")
+        unet = load_checked(SeeSRUNet2DConditionModel, seesr, "unet", "model.components.seesr_path")
+    controlnet = load_checked(SeeSRControlNetModel, seesr, "controlnet", "model.components.seesr_path")
+    for name, model in (("unet", unet), ("controlnet", controlnet)):
+        # a plain SD folder loads into the SeeSR classes without a missing key, as a model without
+        # image attentions: the teacher would silently lose its representation branch
+        if not model.config.get("use_image_cross_attention", False):
+            raise WeightsMismatchError(
+                f"{seesr / name}: its config has no image attentions (use_image_cross_attention is not "
+                f"true), so it is not a SeeSR {name}; {PLAIN_HINT}."
+            )
     return DiffusionComponents(
         unet=unet,
-        controlnet=SeeSRControlNetModel.from_pretrained(seesr, subfolder="controlnet"),
+        controlnet=controlnet,
         vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
@@ -267,6 +327,11 @@ def swap_in_folders(components: DiffusionComponents, **folders: str | None) -> D
         require_file(
             root / name / "config.json", f"{name} ({name}/config.json)", f"model.components.{name}_path"
         )
-        setattr(components, name, type(getattr(components, name)).from_pretrained(root, subfolder=name))
+        cls = type(getattr(components, name))
+        if name in ("unet", "controlnet"):
+            model = load_checked(cls, root, name, f"model.components.{name}_path")
+        else:
+            model = cls.from_pretrained(root, subfolder=name)
+        setattr(components, name, model)
         components.sources[name] = str(root)
     return components
