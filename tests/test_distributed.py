@@ -137,8 +137,9 @@ def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit
     behind); `train_start`: after Lightning's handler would have been set, before the pre-emption
     callback's start (the run used to exit 0 with no checkpoint)."""
     run = tmp_path / "run"
+    # a rank already in the training loop is not waited for as after a pre-emption (600 s > TIMEOUT_S)
     proc = start([*ddp_args(run, cache_dir), "trainer.max_steps=50", "trainer.limit_val_batches=0",
-                  f"fault.signal_at={when}"])  # fmt: skip
+                  f"fault.signal_at={when}", "callbacks.preemption.rank_exit_timeout_s=600"])  # fmt: skip
     out = finish(proc)
     assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
     assert not group_alive(proc.pid), "a rank outlived the launcher"

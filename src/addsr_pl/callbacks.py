@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,17 +53,30 @@ class Preemption(pl.Callback):
         dirpath: folder of `last.ckpt` (the checkpoint callback's).
         exit_code: the process's exit status after a pre-emption.
         signals: signal names to handle.
-        rank_exit_timeout_s: how long the launching process waits for the ranks it started.
+        rank_exit_timeout_s: how long the launching process waits for the ranks it started after a
+            pre-emption during training (they write the checkpoint together).
+        outside_training_exit_timeout_s: the same after a stop outside the training loop, where no rank
+            has anything to write: a rank that already entered the loop waits in a collective for the
+            launcher, which is waiting for it, so it is killed after this shorter time.
     """
 
-    def __init__(self, dirpath: str, exit_code: int, signals: list[str], rank_exit_timeout_s: float):
+    def __init__(
+        self,
+        dirpath: str,
+        exit_code: int,
+        signals: list[str],
+        rank_exit_timeout_s: float,
+        outside_training_exit_timeout_s: float,
+    ):
         self.path = Path(dirpath) / "last.ckpt"
         self.exit_code = exit_code
         self.rank_exit_timeout_s = rank_exit_timeout_s
+        self.outside_training_exit_timeout_s = outside_training_exit_timeout_s
         self.signals = [getattr(signal, name) for name in signals]
         self.received = 0
         self.training = False
         self.stopping = False
+        self.stopped_outside_training = False
         self.trainer = None
         self._previous: dict[int, object] = {}
 
@@ -88,7 +102,7 @@ class Preemption(pl.Callback):
         self.received = int(signum)
         if self.training or self.stopping:
             return  # acted on at the end of the iteration, on every rank together
-        self.stopping = True
+        self.stopping = self.stopped_outside_training = True
         log.warning("%s received outside the training loop; stopping.", signal.Signals(signum).name)
         for proc in self.started_ranks():
             if proc.poll() is None:
@@ -132,23 +146,26 @@ class Preemption(pl.Callback):
 
     def wait_for_started_ranks(self) -> None:
         """In the launching process: wait for the ranks it started (Lightning's `ddp` launcher) to
-        exit, killing those that outlive `rank_exit_timeout_s`, so no rank outlives the job's exit.
+        exit, killing those that outlive their timeout, so no rank outlives the job's exit.
 
         Lightning's child-process observer is stopped first: it SIGKILLs the launcher as soon as a rank
         exits non-zero, which every pre-empted rank does, and the launcher would exit -9 instead."""
         for thread in threading.enumerate():
             if isinstance(thread, _ChildProcessObserver):
                 thread._child_processes = []  # nothing left to watch: the observer's next round ends it
+        timeout = (
+            self.outside_training_exit_timeout_s
+            if self.stopped_outside_training
+            else self.rank_exit_timeout_s
+        )
+        deadline = time.monotonic() + timeout
         for proc in self.started_ranks():
             try:
-                proc.wait(timeout=self.rank_exit_timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error(
-                    "Rank process %d did not exit within %s s; killing it.",
-                    proc.pid,
-                    self.rank_exit_timeout_s,
-                )
+                log.warning("Rank process %d did not exit within %s s; killing it.", proc.pid, timeout)
                 proc.kill()
+                proc.wait()
 
     def leave_training(self) -> None:
         """Called once `trainer.fit` has returned (the final checkpoint written): a signal recorded after
