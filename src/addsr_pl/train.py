@@ -209,17 +209,14 @@ def takes_run_lock() -> bool:
 
 @contextmanager
 def signals_handled(preemption: Preemption | None) -> Iterator[None]:
-    """Pre-emption signals handled from here on (a signal at start-up stops every rank with the
-    pre-emption exit code); the ranks this process started are waited for when it stops."""
+    """Pre-emption signals handled from here on: a signal at start-up stops every rank with the
+    pre-emption exit code (see `Preemption`)."""
     if preemption is None:
         yield
         return
     preemption.install()
     try:
         yield
-    except Preempted:
-        preemption.wait_for_started_ranks()
-        raise
     finally:
         preemption.uninstall()
 
@@ -244,12 +241,19 @@ def train(cfg: DictConfig) -> dict:
         signals_handled(preemption),
         RunLock(cfg.paths.output_dir, lock.heartbeat_s, lock.stale_after_s, enabled=takes_run_lock()),
     ):
-        ckpt_path = resolve_ckpt_path(cfg)
-        changes = check_resume(ckpt_path, config, allowed, path_keys(cfg)) if ckpt_path else {}
-        return fit_and_export(cfg, config, [*callbacks, RunConfigInCheckpoint(config, changes)], ckpt_path)
+        try:
+            ckpt_path = resolve_ckpt_path(cfg)
+            changes = check_resume(ckpt_path, config, allowed, path_keys(cfg)) if ckpt_path else {}
+            callbacks.append(RunConfigInCheckpoint(config, changes))
+            return fit_and_export(cfg, config, callbacks, ckpt_path)
+        except Preempted:
+            if preemption is not None:
+                preemption.wait_for_started_ranks()  # before the lock goes: no rank outlives the run
+            raise
 
 
 def fit_and_export(cfg: DictConfig, config: dict, callbacks: list, ckpt_path: str | None) -> dict:
+    """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export."""
     with wandb_run_ends_with_job():
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
