@@ -66,7 +66,7 @@ def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, ca
     assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
     assert not group_alive(proc.pid), "a rank outlived the pre-empted launcher"
     assert "SIGTERM received" in out and not (run / "student").exists()
-    stopped_at = int(torch.load(ckpts / "last.ckpt", weights_only=False)["state_dict"]["iteration"])
+    stopped_at = int(torch.load(ckpts / "last.ckpt", weights_only=True)["state_dict"]["iteration"])
     assert 1 <= stopped_at < 200
 
     # 2. resume to stopped_at + 4 with validation on every epoch (2 iterations per epoch on 2 ranks)
@@ -82,7 +82,7 @@ def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, ca
     for rank, text in logs.items():
         skips = [line for line in text.splitlines() if "both optimizer steps skipped" in line]
         assert len(skips) == 1 and f"Iteration {nan_at}: " in skips[0] and f"on rank {rank}" in skips[0], rank
-    ckpt = torch.load(ckpts / "last.ckpt", weights_only=False)
+    ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == target and ckpt["nonfinite"]["skipped"] == 1
     resumed_log = sorted(run.glob("csv/version_*/metrics.csv"))[-1].read_text().splitlines()
     psnr = resumed_log[0].split(",").index("val/psnr_1step")
@@ -92,17 +92,56 @@ def test_ddp_pre_emption_then_resume_with_validation_and_a_nan_loss(tmp_path, ca
             assert all(torch.isfinite(v).all() for v in load_file(file).values())
 
 
-def test_ddp_zero_shards_the_optimizer_state_and_saves_it_whole(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    proc = start(
-        [*ddp_args(run, cache_dir, "ddp_zero"), "trainer.max_steps=1", "trainer.limit_val_batches=0"]
-    )
+def student_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("student.", "ema."))}
+
+
+@pytest.mark.slow  # three two-process runs
+def test_ddp_zero_saves_the_optimizer_state_whole_and_resumes_exactly(tmp_path, cache_dir):
+    # a learning rate at which every iteration moves the weights far past the tolerance below, so a
+    # skipped or repeated batch after the resume would show
+    lr = ["method.optimizer_g.lr=1e-2", "method.optimizer_d.lr=1e-2", "trainer.limit_val_batches=0"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    proc = start([*ddp_args(run, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=1"])
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    # checkpoints are read weights-only: the ZeRO state holds plain containers (no omegaconf types)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == 1
     # consolidated on rank 0: one AdamW state per trainable parameter, as without sharding
     trainable_g = sum(1 for k in ckpt["state_dict"] if k.startswith("student."))
     state_g = ckpt["optimizer_states"][0]["state"]
     assert len(state_g) == trainable_g and all("exp_avg" in s for s in state_g.values())
     assert (run / "student" / "addsr_student.json").is_file()
+
+    proc = start([*ddp_args(run, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2", "ckpt_path=last"])
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    proc = start([*ddp_args(straight, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2"])
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    at_once = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(resumed["state_dict"]["iteration"]) == int(at_once["state_dict"]["iteration"]) == 2
+    a, b, first = student_state(resumed), student_state(at_once), student_state(ckpt)
+    assert a.keys() == b.keys() and a
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-3  # one iteration moves this much
+
+
+@pytest.mark.parametrize("when", ["setup", "train_start"])
+def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit_code(
+    tmp_path, cache_dir, when
+):
+    """`setup`: both ranks started and connected (the launcher used to die by the signal, leaving rank 1
+    behind); `train_start`: after Lightning's handler would have been set, before the pre-emption
+    callback's start (the run used to exit 0 with no checkpoint)."""
+    run = tmp_path / "run"
+    # a rank already in the training loop is not waited for as after a pre-emption (600 s > TIMEOUT_S)
+    proc = start([*ddp_args(run, cache_dir), "trainer.max_steps=50", "trainer.limit_val_batches=0",
+                  f"fault.signal_at={when}", "callbacks.preemption.rank_exit_timeout_s=600"])  # fmt: skip
+    out = finish(proc)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
+    assert not group_alive(proc.pid), "a rank outlived the launcher"
+    assert "SIGTERM received outside the training loop; stopping." in out
+    assert not (run / "student").exists() and not (run / "run.lock").exists()

@@ -108,7 +108,7 @@ def test_a_nan_loss_skips_both_steps_of_its_iteration_and_the_run_goes_on(make_c
     assert int(result["module"].iteration) == 3
     student = student_weights(Path(result["student"]))
     assert student and all(torch.isfinite(v).all() for v in student.values())
-    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["nonfinite"] == {"skipped": 1, "consecutive": 0}
 
     # per-step losses appear only at the iterations whose graded step they are
@@ -163,7 +163,7 @@ def test_the_readme_resume_flow_from_max_steps_equals_one_uninterrupted_run(tmp_
     assert a.keys() == b.keys() and a
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-6, diff
-    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == 8
     # the losses of iteration 5 (the first after the resume) match
     rows = {r["train/iteration"]: r for r in metrics_rows(tmp_path / "a") if r["train/iteration"]}

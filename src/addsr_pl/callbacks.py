@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -26,46 +29,92 @@ class Preempted(SystemExit):
 
 
 class Preemption(pl.Callback):
-    """SIGTERM / SIGUSR1: finish the iteration, write `last.ckpt` on every rank together, exit non-zero.
+    """SIGTERM / SIGUSR1: stop every rank with `exit_code`; during training, after writing `last.ckpt`.
 
-    The signal handler only records the signal (no collective call can run inside a handler). After
-    each training iteration every rank all-reduces what it received, so all ranks see a signal sent
-    to any of them at the same iteration; they save one checkpoint at that clean boundary and raise
-    `Preempted(exit_code)`, so schedulers and `train && evaluate` chains see the run as unfinished.
-    Under SLURM with auto-requeue (Lightning's `SLURMEnvironment`), the requeue signal also goes
-    through Lightning's own handler, which writes its `hpc_ckpt_*.ckpt` and requeues the job;
-    `ckpt_path=last` resumes from the newer of the two.
+    `install()` sets the handlers when `addsr_pl.train` starts, before any rank is started, and
+    `uninstall()` restores the previous ones when it ends; Lightning's own handlers are never set
+    (`attach`), since they broadcast inside the handler and end a run signalled before the training
+    loop with exit code 0 and no checkpoint.
+
+    * Start-up (before `on_train_start`) and after training: nothing was trained since the last
+      checkpoint, so the handler stops at once: it passes the signal on to the ranks this process
+      started (Lightning's `ddp` launcher), each of which stops the same way, and raises
+      `Preempted(exit_code)`.
+    * Training: the handler only records the signal (no collective call can run inside a handler).
+      After each training iteration every rank all-reduces what it received, so all ranks see a signal
+      sent to any of them at the same iteration; they save one checkpoint at that clean boundary and
+      raise `Preempted(exit_code)`, so schedulers and `train && evaluate` chains see the run as unfinished.
+
+    Under SLURM with auto-requeue (Lightning's `SLURMEnvironment`), the requeue signal during training
+    also goes through Lightning's requeue routine, which writes its `hpc_ckpt_*.ckpt` and requeues the
+    job; `ckpt_path=last` resumes from the checkpoint with the highest iteration.
 
     Args:
         dirpath: folder of `last.ckpt` (the checkpoint callback's).
         exit_code: the process's exit status after a pre-emption.
         signals: signal names to handle.
-        rank_exit_timeout_s: how long the launching process waits for the ranks it started.
+        rank_exit_timeout_s: how long the launching process waits for the ranks it started after a
+            pre-emption during training (they write the checkpoint together).
+        outside_training_exit_timeout_s: the same after a stop outside the training loop, where no rank
+            has anything to write: a rank that already entered the loop waits in a collective for the
+            launcher, which is waiting for it, so it is killed after this shorter time.
     """
 
-    def __init__(self, dirpath: str, exit_code: int, signals: list[str], rank_exit_timeout_s: float):
+    def __init__(
+        self,
+        dirpath: str,
+        exit_code: int,
+        signals: list[str],
+        rank_exit_timeout_s: float,
+        outside_training_exit_timeout_s: float,
+    ):
         self.path = Path(dirpath) / "last.ckpt"
         self.exit_code = exit_code
         self.rank_exit_timeout_s = rank_exit_timeout_s
+        self.outside_training_exit_timeout_s = outside_training_exit_timeout_s
         self.signals = [getattr(signal, name) for name in signals]
         self.received = 0
+        self.training = False
+        self.stopping = False
+        self.stopped_outside_training = False
+        self.trainer = None
         self._previous: dict[int, object] = {}
 
-    def _record(self, signum, frame) -> None:
-        self.received = int(signum)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # after Lightning's own handlers, which would broadcast inside the handler
+    def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             log.warning("Not in the main thread: pre-emption signals are left to Lightning.")
             return
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._record)
+            self._previous[signum] = signal.signal(signum, self._handle)
 
-    def _restore(self) -> None:
+    def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+    def attach(self, trainer) -> None:
+        """Know the trainer (whose launcher holds the started ranks); keep Lightning off these signals."""
+        self.trainer = trainer
+        if self._previous:
+            trainer._signal_connector.register_signal_handlers = lambda: None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = int(signum)
+        if self.training or self.stopping:
+            return  # acted on at the end of the iteration, on every rank together
+        self.stopping = self.stopped_outside_training = True
+        log.warning("%s received outside the training loop; stopping.", signal.Signals(signum).name)
+        for proc in self.started_ranks():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        raise Preempted(self.exit_code)
+
+    def started_ranks(self) -> list:
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        return list(getattr(launcher, "procs", None) or [])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.training = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         accumulate = (getattr(pl_module, "method", None) or {}).get("accumulate_grad_batches", 1)
@@ -91,28 +140,63 @@ class Preemption(pl.Callback):
             and signum == environment.requeue_signal
         ):
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
-        self._restore()
+        self.stopping = True
+        self.training = False
         raise Preempted(self.exit_code)
 
-    def wait_for_started_ranks(self, trainer) -> None:
+    def wait_for_started_ranks(self) -> None:
         """In the launching process: wait for the ranks it started (Lightning's `ddp` launcher) to
-        exit, killing those that outlive `rank_exit_timeout_s`, so no rank outlives the job's exit."""
-        for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-            try:
-                proc.wait(timeout=self.rank_exit_timeout_s)
-            except subprocess.TimeoutExpired:
-                log.error(
-                    "Rank process %d did not exit within %s s; killing it.",
-                    proc.pid,
-                    self.rank_exit_timeout_s,
-                )
-                proc.kill()
+        exit, killing those that outlive their timeout, so no rank outlives the job's exit.
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
+        Lightning's child-process observer is stopped first: it SIGKILLs the launcher as soon as a rank
+        exits non-zero, which every pre-empted rank does, and the launcher would exit -9 instead."""
+        for thread in threading.enumerate():
+            if isinstance(thread, _ChildProcessObserver):
+                thread._child_processes = []  # nothing left to watch: the observer's next round ends it
+        timeout = (
+            self.outside_training_exit_timeout_s
+            if self.stopped_outside_training
+            else self.rank_exit_timeout_s
+        )
+        deadline = time.monotonic() + timeout
+        for proc in self.started_ranks():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("Rank process %d did not exit within %s s; killing it.", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+
+    def leave_training(self) -> None:
+        """Called once `trainer.fit` has returned (the final checkpoint written): a signal recorded after
+        the last iteration's check, or one that comes from now on, stops the run before the export."""
+        self.training = False
+        if self.received and not self.stopping:
+            self._handle(self.received, None)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
+        self.training = False
+
+
+class SignalAt(pl.Callback):
+    """Fault injection for tests (`fault.signal_at`): global rank 0 sends itself `signum` at a start-up
+    point, `setup` (ranks started and connected) or `train_start` (before the pre-emption callback's
+    own `on_train_start`)."""
+
+    def __init__(self, when: str, signum: int):
+        if when not in ("setup", "train_start"):
+            raise ValueError(f"fault.signal_at = {when!r}: must be null, 'setup' or 'train_start'.")
+        self.when, self.signum = when, signum
+
+    def _send(self, trainer, when: str) -> None:
+        if self.when == when and trainer.global_rank == 0:
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._send(trainer, "setup")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._send(trainer, "train_start")
 
 
 class BadFileCount(pl.Callback):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from lightning_utilities.core import rank_zero as lightning_rank_zero
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
-from addsr_pl.callbacks import Preempted, Preemption
+from addsr_pl.callbacks import Preempted, Preemption, SignalAt
 from addsr_pl.config import ConfigError, validate
 from addsr_pl.method.export import export_student
 from addsr_pl.method.module import AddSRModule
@@ -29,7 +31,15 @@ from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
 from addsr_pl.models.diffusion import MissingWeightsError, WeightsMismatchError
 from addsr_pl.paths import config_dir
-from addsr_pl.resume import ResumeError, RunConfigInCheckpoint, check_resume, resolve_ckpt_path
+from addsr_pl.resume import (
+    ResumeError,
+    RunConfigInCheckpoint,
+    check_allow_changes,
+    check_resume,
+    path_keys,
+    resolve_ckpt_path,
+)
+from addsr_pl.runlock import RunLock, RunLockError
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +238,26 @@ def export(cfg: DictConfig, module: pl.LightningModule) -> dict:
     return {"student": str(student)}
 
 
+def takes_run_lock() -> bool:
+    """Global rank 0 takes the run dir's lock: the launching process under Lightning's `ddp` launcher
+    (its ranks run inside its lifetime), rank 0 under torchrun or SLURM (which set the rank before start)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@contextmanager
+def signals_handled(preemption: Preemption | None) -> Iterator[None]:
+    """Pre-emption signals handled from here on: a signal at start-up stops every rank with the
+    pre-emption exit code (see `Preemption`)."""
+    if preemption is None:
+        yield
+        return
+    preemption.install()
+    try:
+        yield
+    finally:
+        preemption.uninstall()
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (and export) one AddSR student, or its teacher with `stage=teacher`.
 
@@ -235,10 +265,32 @@ def train(cfg: DictConfig) -> dict:
     if any), and the module, datamodule and trainer objects, for callers that go on in-process.
     """
     validate(cfg)
-    ckpt_path = resolve_ckpt_path(cfg)
     config = resolved_config(cfg)
     allowed = list((cfg.get("resume") or {}).get("allow_changes") or [])
-    changes = check_resume(ckpt_path, config, allowed) if ckpt_path else {}
+    check_allow_changes(allowed, config)
+    callbacks = build_callbacks(cfg)
+    signal_at = (cfg.get("fault") or {}).get("signal_at")
+    if signal_at is not None:
+        callbacks.insert(0, SignalAt(signal_at, signal.SIGTERM))
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    lock = cfg.run_lock
+    with (
+        signals_handled(preemption),
+        RunLock(cfg.paths.output_dir, lock.heartbeat_s, lock.stale_after_s, enabled=takes_run_lock()),
+    ):
+        try:
+            ckpt_path = resolve_ckpt_path(cfg)
+            changes = check_resume(ckpt_path, config, allowed, path_keys(cfg)) if ckpt_path else {}
+            callbacks.append(RunConfigInCheckpoint(config, changes))
+            return fit_and_export(cfg, config, callbacks, ckpt_path)
+        except Preempted:
+            if preemption is not None:
+                preemption.wait_for_started_ranks()  # before the lock goes: no rank outlives the run
+            raise
+
+
+def fit_and_export(cfg: DictConfig, config: dict, callbacks: list, ckpt_path: str | None) -> dict:
+    """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export."""
     with wandb_run_ends_with_job():
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
@@ -247,16 +299,15 @@ def train(cfg: DictConfig) -> dict:
         for logger in loggers:
             if hasattr(logger, "log_hyperparams"):
                 logger.log_hyperparams(config)
-        callbacks = [*build_callbacks(cfg), RunConfigInCheckpoint(config, changes)]
         trainer = build_trainer(cfg, callbacks, loggers)
-        try:
-            with stop_message_in_iterations(cfg.stage):
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except Preempted:
-            for callback in trainer.callbacks:
-                if isinstance(callback, Preemption):
-                    callback.wait_for_started_ranks(trainer)
-            raise
+        preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+        if preemption is not None:
+            preemption.attach(trainer)
+        # the checkpoint was checked by `check_resume`; Lightning reads it as data too
+        with stop_message_in_iterations(cfg.stage):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if preemption is not None:
+            preemption.leave_training()
         result = {
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "output_dir": cfg.paths.output_dir,
@@ -275,11 +326,11 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
-    except (ConfigError, ResumeError, InstantiationException) as error:
+    except (ConfigError, ResumeError, RunLockError, InstantiationException) as error:
         # Hydra wraps what a component raises; a weight folder that is missing or does not fit is the
         # user's to fix like a wrong value
         cause = error.__cause__ if isinstance(error, InstantiationException) else error
-        fixable = (ConfigError, ResumeError, MissingWeightsError, WeightsMismatchError)
+        fixable = (ConfigError, ResumeError, RunLockError, MissingWeightsError, WeightsMismatchError)
         if not isinstance(cause, fixable) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one bad cell of a sweep fails that job, not the sweep
         # a wrong value or a refused resume: the message names the fix, no traceback (exit code 2)

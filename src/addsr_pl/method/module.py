@@ -356,8 +356,10 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.after_iteration()
         elif last_micro:
             self.iteration += 1  # skipped: only the counters move
-        if self.method["ema_every"] == "micro_step" and (stepped or not last_micro):
-            self.ema.update()  # after this micro-step's optimizer steps, as the official loop
+        if self.method["ema_every"] == "micro_step" and stepped:
+            # after this micro-step's optimizer steps, as the official loop (the iteration's earlier
+            # micro-steps' updates were made by `ema_catch_up`, once the iteration was known to step)
+            self.ema.update()
         self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=hr.shape[0])
         logs["unroll_k"] = torch.tensor(float(unroll.k))
         graded_steps = [k for k in logs if k.startswith("loss_dis_step")]
@@ -410,6 +412,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             {} if d_stepped else {"d": [p.grad for p in discriminator]}
         )
         ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
+        if ok:
+            self.ema_catch_up()
         # skipped: the gradients are dropped, so the steps move nothing but the step counters
         if not d_stepped:
             step_apart(opt_g, student, opt_d, discriminator)
@@ -418,6 +422,14 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             undo_d()
         step_alone(opt_g, discriminator)
         return ok
+
+    def ema_catch_up(self) -> None:
+        """`ema_every: micro_step`: the EMA updates of the iteration's micro-steps before the last, made
+        once the iteration is known to step (a skipped iteration moves no EMA) and before the student's
+        step (those micro-steps saw the weights from before it)."""
+        if self.method["ema_every"] == "micro_step":
+            for _ in range(self.method["accumulate_grad_batches"] - 1):
+                self.ema.update()
 
     def after_iteration(self) -> None:
         self.iteration += 1
@@ -500,17 +512,23 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
     def configure_optimizers(self):
         m = self.method
         fused = m["memory"]["fused_adamw"]
+        # _convert_="all": plain lists in the optimizer state (ZeRO keeps its kwargs as given, and an
+        # omegaconf ListConfig there would make the checkpoint unreadable to a weights-only load)
         opt_g = instantiate(
             m["optimizer_g"],
             params=[p for _, p in self.student_trainable()],
             **optimizer_options(m["optimizer_g"]["_target_"], fused, self.device),
+            _convert_="all",
         )
         opt_d = instantiate(
             m["optimizer_d"],
             params=[p for _, p in self.discriminator_trainable()],
             **optimizer_options(m["optimizer_d"]["_target_"], fused, self.device),
+            _convert_="all",
         )
-        schedulers = [instantiate(m["lr_scheduler"], optimizer=opt) for opt in (opt_g, opt_d)]
+        schedulers = [
+            instantiate(m["lr_scheduler"], optimizer=opt, _convert_="all") for opt in (opt_g, opt_d)
+        ]
         return [opt_g, opt_d], [{"scheduler": s, "interval": "step"} for s in schedulers]
 
     # ----------------------------------------------------------------- checkpoints

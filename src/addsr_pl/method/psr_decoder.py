@@ -101,8 +101,9 @@ class PsrDecoderModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.decoder.parameters() if p.requires_grad]
-        optimizer = instantiate(self.method["optimizer"], params=parameters)
-        scheduler = instantiate(self.method["lr_scheduler"], optimizer=optimizer)
+        # plain containers in the optimizer state: checkpoints stay readable to a weights-only load
+        optimizer = instantiate(self.method["optimizer"], params=parameters, _convert_="all")
+        scheduler = instantiate(self.method["lr_scheduler"], optimizer=optimizer, _convert_="all")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trained_state_keys(self) -> set[str]:

@@ -231,8 +231,11 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.method["optimizer"], params=[p for _, p in self.trainable()])
-        scheduler = instantiate(self.method["lr_scheduler"], optimizer=optimizer)
+        # plain containers in the optimizer state: checkpoints stay readable to a weights-only load
+        optimizer = instantiate(
+            self.method["optimizer"], params=[p for _, p in self.trainable()], _convert_="all"
+        )
+        scheduler = instantiate(self.method["lr_scheduler"], optimizer=optimizer, _convert_="all")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- checkpoints
