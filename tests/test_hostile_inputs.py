@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from addsr_pl.core.student_format import MANIFEST
+from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.upscale import main
 
 PAYLOAD_MODULE = "addsr_payload_module"
@@ -419,3 +420,20 @@ def test_a_version_1_manifest_still_loads(student):
     pipeline = AddSRPipeline.from_folder(folder)
     assert isinstance(pipeline.conditioner.tagger, RAMTagger)
     assert pipeline.student_timesteps == manifest["sampler"]["student_timesteps"]
+
+
+def test_a_random_tiny_ram_is_exported_with_its_weights_and_loads_as_trained(make_cfg, tmp_path):
+    """A tiny RAM has no checkpoint file: its random draws travel inside the student, so every load sees
+    the tagger the student was trained with (not a fresh draw per load)."""
+    from addsr_pl.method.export import export_student
+    from addsr_pl.method.module import AddSRModule
+
+    from conftest import to_dicts
+
+    module = AddSRModule(**to_dicts(make_cfg(["model=tiny_seesr", "conditioning=tiny_ram"])))
+    folder = export_student(module, tmp_path / "student", 4, {"psr": True, "psr_weight": 0.5})
+    trained = module.conditioner.tagger.ram.state_dict()
+    for _ in range(2):
+        loaded = AddSRPipeline.from_folder(folder).conditioner.tagger.ram.state_dict()
+        assert loaded.keys() == trained.keys()
+        assert all(torch.equal(loaded[k], trained[k]) for k in trained)

@@ -409,7 +409,8 @@ def tagger_spec() -> TaggerSpec:
                  "tag_thresholds": Str(), "dape": Optional(Path_()), "lora_alpha": Float(0, open_low=True),
                  **preprocess})  # fmt: skip
     ram_random = Group({"architecture": ram_architecture, "tag_list": ListOf(Str()),
-                        "class_thresholds": ListOf(Float(0, 1)), **preprocess})  # fmt: skip
+                        "class_thresholds": ListOf(Float(0, 1)), "weights": Optional(Path_()),
+                        **preprocess})  # fmt: skip
     # open_clip.CLIP's arguments; hf_/timm_ towers would download a model instead of reading the given file
     openclip_config = Group({"embed_dim": POSITIVE, "vision_cfg": PlainData(("hf_", "timm_")),
                              "text_cfg": PlainData(("hf_", "timm_")), "quick_gelu": Bool()})  # fmt: skip

@@ -25,6 +25,7 @@ from addsr_pl.models.trainable import merged_state_dict
 log = logging.getLogger(__name__)
 # Where tagger files from outside the weights folder are copied inside the student folder.
 TAGGER_FOLDER = "tagger"
+RANDOM_TAGGER_FILE = "ram_random.safetensors"
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -45,7 +46,7 @@ def manifest_tagger(spec: dict | None, out: Path, weights_dir: str | Path | None
     kind = tagger_kind(spec)
     tagger = {"kind": kind, **{k: v for k, v in spec.items() if k not in ("kind", "_target_")}}
     for name in TAGGER_PATHS[kind]:
-        value = tagger[name]
+        value = tagger.get(name)
         if value is None or isinstance(value, list):
             continue
         reference = weights_reference(value, weights_dir)
@@ -64,6 +65,21 @@ def manifest_tagger(spec: dict | None, out: Path, weights_dir: str | Path | None
             shutil.copy2(source, target)
         tagger[name] = target.relative_to(out).as_posix()
     return tagger
+
+
+def save_random_tagger(tagger: nn.Module, out: Path) -> str:
+    """A randomly initialised tiny RAM has no file to point at: its weights are saved into the student
+    (`tagger/ram_random.safetensors`), so that inference sees the tags and representation training saw."""
+    from safetensors.torch import save_file
+
+    target = out / TAGGER_FOLDER / RANDOM_TAGGER_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.float() if v.is_floating_point() else v).detach().clone()
+        for k, v in tagger.ram.state_dict().items()
+    }
+    save_file(state, target)
+    return target.relative_to(out).as_posix()
 
 
 def export_student(
@@ -107,6 +123,8 @@ def export_student(
         components[name] = {"class": class_name(component), "path": name}
     conditioning = {**module.hparams["conditioning"], "train_tags": "tagger"}  # inference tags with `tagger`
     conditioning["tagger"] = manifest_tagger(conditioning.get("tagger"), out, weights_dir)
+    if conditioning["tagger"] is not None and conditioning["tagger"]["kind"] == "ram_random":
+        conditioning["tagger"]["weights"] = save_random_tagger(module.conditioner.tagger, out)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -151,7 +151,7 @@ TAGGER_TARGETS = {
     "openclip": "addsr_pl.models.tagger.OpenCLIPTagger.from_local",
 }
 # Arguments of each kind that name a file or folder (resolved by the caller: see `build_tagger`).
-TAGGER_PATHS = {"ram": ("folder", "dape"), "ram_random": (), "openclip": ("weights", "vocabulary")}
+TAGGER_PATHS = {"ram": ("folder", "dape"), "ram_random": ("weights",), "openclip": ("weights", "vocabulary")}
 
 
 def tagger_kind(spec: dict) -> str:
@@ -194,7 +194,7 @@ def build_tagger(spec: dict, resolve: Callable[[object, str], object] | None = N
     kind = tagger_kind(spec)
     arguments = {k: v for k, v in spec.items() if k not in ("kind", "_target_")}
     for name in TAGGER_PATHS[kind]:
-        value = arguments[name]
+        value = arguments.get(name)
         if value is not None and not isinstance(value, list):
             arguments[name] = resolve(value, name) if resolve is not None else value
     return _build(kind, arguments)

@@ -589,13 +589,24 @@ class RAMTagger(nn.Module):
 
     @classmethod
     def random(
-        cls, *, architecture: dict, tag_list: Sequence[str], class_thresholds: Sequence[float], **kwargs
+        cls,
+        *,
+        architecture: dict,
+        tag_list: Sequence[str],
+        class_thresholds: Sequence[float],
+        weights: str | Path | None = None,
+        **kwargs,
     ):
         """A randomly initialised RAM (tiny test and demo configs); `label_embed`, which a checkpoint
-        normally fills, is drawn from N(0, 1) so that tags differ between images."""
+        normally fills, is drawn from N(0, 1) so that tags differ between images. `weights`: the
+        safetensors file an exported student saved these draws in (`method.export`), loaded exactly."""
         ram = RAM(**architecture)
         with torch.no_grad():
             ram.label_embed.normal_()
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            ram.load_state_dict(load_file(str(weights)), strict=True)
         return cls(ram, tag_list, class_thresholds, **kwargs)
 
     @property
