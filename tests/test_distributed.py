@@ -5,6 +5,7 @@ the test within minutes instead of hanging it.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,28 +97,32 @@ def student_state(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("student.", "ema."))}
 
 
-@pytest.mark.slow  # three two-process runs
+@pytest.mark.slow  # two two-process runs
 def test_ddp_zero_saves_the_optimizer_state_whole_and_resumes_exactly(tmp_path, cache_dir):
     # a learning rate at which every iteration moves the weights far past the tolerance below, so a
     # skipped or repeated batch after the resume would show
     lr = ["method.optimizer_g.lr=1e-2", "method.optimizer_d.lr=1e-2", "trainer.limit_val_batches=0"]
-    run, straight = tmp_path / "run", tmp_path / "straight"
-    proc = start([*ddp_args(run, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=1"])
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    # two iterations at once, with a checkpoint after each (step2.ckpt: iteration 1, in optimizer steps)
+    proc = start([*ddp_args(straight, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2",
+                  "callbacks.checkpoint.every_n_iterations=1"])  # fmt: skip
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     # checkpoints are read weights-only: the ZeRO state holds plain containers (no omegaconf types)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(straight / "checkpoints" / "step2.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == 1
     # consolidated on rank 0: one AdamW state per trainable parameter, as without sharding
     trainable_g = sum(1 for k in ckpt["state_dict"] if k.startswith("student."))
     state_g = ckpt["optimizer_states"][0]["state"]
     assert len(state_g) == trainable_g and all("exp_avg" in s for s in state_g.values())
-    assert (run / "student" / "addsr_student.json").is_file()
+    assert (straight / "student" / "addsr_student.json").is_file()
 
-    proc = start([*ddp_args(run, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2", "ckpt_path=last"])
-    out = finish(proc)
-    assert proc.returncode == 0, out[-4000:]
-    proc = start([*ddp_args(straight, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2"])
+    # the run as a stop after iteration 1 leaves it: its checkpoints up to there, no last.ckpt (so
+    # ckpt_path=last takes the highest iteration), resumed to iteration 2 by the documented command
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy2(straight / "checkpoints" / "step2.ckpt", run / "checkpoints" / "step2.ckpt")
+    proc = start([*ddp_args(run, cache_dir, "ddp_zero"), *lr, "trainer.max_steps=2", "ckpt_path=last",
+                  "callbacks.checkpoint.every_n_iterations=1"])  # fmt: skip
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
