@@ -4,7 +4,6 @@ marked failed; the ablation grid and the SLURM preset compose."""
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from addsr_pl.config import validate
-from addsr_pl.evaluation.sweeps import job_metrics
+from addsr_pl.evaluation.sweeps import job_metrics, wandb_records
 from addsr_pl.paths import config_dir
 from addsr_pl.train import train
 
@@ -31,31 +30,6 @@ FAST = [
     "trainer.limit_val_batches=0",
     "export_student=false",
 ]
-
-
-def wandb_records(path: Path):
-    """The records of an offline run's `run-<id>.wandb` file (wandb's transaction log: a 7-byte header,
-    then 32 KiB blocks of [crc32, length, type] chunks; FULL = 1, FIRST = 2, MIDDLE = 3, LAST = 4)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
-    pos, chunks = 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
-        if left < 7 or (length, kind) == (0, 0):  # block trailer padding
-            pos += left
-            continue
-        if pos + 7 + length > len(data):  # the writer is mid-record
-            return
-        chunks += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunks)
-            chunks = b""
-            yield record
 
 
 def offline_run(job_dir: Path, patience_s: float = 60.0) -> dict:
