@@ -282,15 +282,18 @@ def train(cfg: DictConfig) -> dict:
             ckpt_path = resolve_ckpt_path(cfg)
             changes = check_resume(ckpt_path, config, allowed, path_keys(cfg)) if ckpt_path else {}
             callbacks.append(RunConfigInCheckpoint(config, changes))
-            return fit_and_export(cfg, config, callbacks, ckpt_path)
+            return fit_and_export(cfg, config, callbacks, ckpt_path, preemption)
         except Preempted:
             if preemption is not None:
                 preemption.wait_for_started_ranks()  # before the lock goes: no rank outlives the run
             raise
 
 
-def fit_and_export(cfg: DictConfig, config: dict, callbacks: list, ckpt_path: str | None) -> dict:
-    """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export."""
+def fit_and_export(
+    cfg: DictConfig, config: dict, callbacks: list, ckpt_path: str | None, preemption: Preemption | None
+) -> dict:
+    """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export;
+    `preemption` is the pre-emption callback among `callbacks` (None without one)."""
     with wandb_run_ends_with_job():
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
@@ -300,7 +303,6 @@ def fit_and_export(cfg: DictConfig, config: dict, callbacks: list, ckpt_path: st
             if hasattr(logger, "log_hyperparams"):
                 logger.log_hyperparams(config)
         trainer = build_trainer(cfg, callbacks, loggers)
-        preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
         if preemption is not None:
             preemption.attach(trainer)
         # the checkpoint was checked by `check_resume`; Lightning reads it as data too

@@ -27,6 +27,7 @@ from addsr_pl.inference.speed import (
 )
 from addsr_pl.inference.student import (
     check_tagger,
+    first_line,
     load_component,
     locate_components,
     read_manifest,
@@ -393,9 +394,8 @@ class AddSRPipeline:
         except StudentFolderError:
             raise
         except Exception as error:  # a tagger file that does not load: this folder's problem, one line
-            first = (str(error).strip().splitlines() or [""])[0]
             raise StudentFolderError(
-                f"{manifest_file}: cannot build the tagger ({type(error).__name__}: {first})"
+                f"{manifest_file}: cannot build the tagger ({first_line(error)})"
             ) from None
         pipeline = cls(
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),

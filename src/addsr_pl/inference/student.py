@@ -95,6 +95,11 @@ def component_classes() -> dict[str, type]:
     return {cls.__name__: cls for cls in classes}
 
 
+def first_line(error: Exception) -> str:
+    """`Type: first line of the message`, for a one-line report of an error raised by a library."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 def _fail(where: Path, problem: str) -> StudentFolderError:
     return StudentFolderError(f"{where}: {problem}")
 
@@ -320,10 +325,7 @@ def load_component(name: str, cls: type, root: Path, subfolder: str | None):
         with quiet_loading():
             return cls.from_pretrained(root, **options)
     except Exception as error:  # any failure of a file from outside is this folder's problem, in one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise _fail(
-            location, f"cannot load student component {name} ({type(error).__name__}: {first})"
-        ) from None
+        raise _fail(location, f"cannot load student component {name} ({first_line(error)})") from None
 
 
 def tagger_resolver(file: Path, weights_dir: str | Path | None):
@@ -337,7 +339,7 @@ def tagger_resolver(file: Path, weights_dir: str | Path | None):
 
 def check_tagger(file: Path, conditioning: dict, weights_dir: str | Path | None) -> None:
     """The tagger's kind, argument types and files, before any weight is loaded."""
-    from addsr_pl.models.conditioning import TAGGER_PATHS, tagger_kind
+    from addsr_pl.models.conditioning import tagger_files, tagger_kind
 
     spec = conditioning.get("tagger")
     if not spec:
@@ -346,7 +348,5 @@ def check_tagger(file: Path, conditioning: dict, weights_dir: str | Path | None)
         kind = tagger_kind(spec)
     except ValueError as error:
         raise _fail(file, str(error)) from None
-    for argument in TAGGER_PATHS[kind]:
-        value = spec.get(argument)
-        if value is not None and not isinstance(value, list):
-            resolve(file, f"conditioning.tagger.{argument}", value, weights_dir)
+    for argument, value in tagger_files(kind, spec):
+        resolve(file, f"conditioning.tagger.{argument}", value, weights_dir)

@@ -19,7 +19,7 @@ from torch import nn
 
 from addsr_pl.core.student_format import FORMAT, FORMAT_VERSION, MANIFEST, class_name, weights_reference
 from addsr_pl.method.nonfinite import assert_finite_weights
-from addsr_pl.models.conditioning import TAGGER_PATHS, tagger_kind
+from addsr_pl.models.conditioning import tagger_files, tagger_kind
 from addsr_pl.models.trainable import merged_state_dict
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,7 @@ def manifest_tagger(spec: dict | None, out: Path, weights_dir: str | Path | None
         return None
     kind = tagger_kind(spec)
     tagger = {"kind": kind, **{k: v for k, v in spec.items() if k not in ("kind", "_target_")}}
-    for name in TAGGER_PATHS[kind]:
-        value = tagger.get(name)
-        if value is None or isinstance(value, list):
-            continue
+    for name, value in tagger_files(kind, tagger):
         reference = weights_reference(value, weights_dir)
         if reference is not None:
             tagger[name] = {"weights": reference}

@@ -172,6 +172,13 @@ def tagger_kind(spec: dict) -> str:
     return kinds[target]
 
 
+def tagger_files(kind: str, arguments: dict) -> list[tuple[str, object]]:
+    """(argument, value) of each file or folder argument of a `kind` tagger that names one: set, and
+    not an inline list (an OpenCLIP vocabulary may be given as its words)."""
+    values = ((name, arguments.get(name)) for name in TAGGER_PATHS[kind])
+    return [(name, value) for name, value in values if value is not None and not isinstance(value, list)]
+
+
 def _build(kind: str, arguments: dict) -> nn.Module:
     if kind == "openclip":
         from addsr_pl.models.tagger import OpenCLIPTagger
@@ -193,10 +200,9 @@ def build_tagger(spec: dict, resolve: Callable[[object, str], object] | None = N
         raise ValueError(problem.replace("\n", "; "))
     kind = tagger_kind(spec)
     arguments = {k: v for k, v in spec.items() if k not in ("kind", "_target_")}
-    for name in TAGGER_PATHS[kind]:
-        value = arguments.get(name)
-        if value is not None and not isinstance(value, list):
-            arguments[name] = resolve(value, name) if resolve is not None else value
+    if resolve is not None:
+        for name, value in tagger_files(kind, arguments):
+            arguments[name] = resolve(value, name)
     return _build(kind, arguments)
 
 
