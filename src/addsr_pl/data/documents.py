@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -45,20 +46,63 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return font
 
 
-def render_page(seed: int, size: int, font_sizes: Sequence[int] = (14, 40)) -> np.ndarray:
-    """Page `seed`: a `size` x `size` RGB uint8 image of text lines, the same on every call."""
+@dataclass(frozen=True)
+class TextLine:
+    """One line of a page: `text` drawn at (`x`, `y`) (its left-ascender point) in `font_size` and `ink`."""
+
+    x: int
+    y: int
+    text: str
+    font_size: int
+    ink: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """One drawn character and its ink box (left, top, right, bottom; page pixels, right/bottom exclusive)."""
+
+    char: str
+    box: tuple[int, int, int, int]
+
+
+def page_layout(seed: int, size: int, font_sizes: Sequence[int] = (14, 40)) -> tuple[tuple, list[TextLine]]:
+    """Page `seed`'s background colour and text lines: everything `render_page` draws, without drawing."""
     rng = random.Random(seed)
     background = tuple(rng.randint(200, 255) for _ in range(3))
-    page = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(page)
+    lines = []
     y = rng.randint(-font_sizes[0], font_sizes[0])
     while y < size:
         font_size = rng.randint(*font_sizes)
         ink = tuple(rng.randint(0, 120) for _ in range(3))
         words = " ".join(rng.choice(WORDS) for _ in range(4 + 2 * size // font_size))
-        draw.text((rng.randint(-2 * font_size, font_size), y), words, fill=ink, font=_font(font_size))
+        lines.append(TextLine(rng.randint(-2 * font_size, font_size), y, words, font_size, ink))
         y += round(font_size * rng.uniform(1.1, 1.6))
+    return background, lines
+
+
+def render_page(seed: int, size: int, font_sizes: Sequence[int] = (14, 40)) -> np.ndarray:
+    """Page `seed`: a `size` x `size` RGB uint8 image of text lines, the same on every call."""
+    background, lines = page_layout(seed, size, font_sizes)
+    page = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(page)
+    for line in lines:
+        draw.text((line.x, line.y), line.text, fill=line.ink, font=_font(line.font_size))
     return np.asarray(page)
+
+
+def page_glyphs(seed: int, size: int, font_sizes: Sequence[int] = (14, 40)) -> list[Glyph]:
+    """The letters and digits of page `seed` with their ink boxes, as `render_page` draws them (the bundled
+    font is laid out without kerning, so a character sits at the advance of the text before it)."""
+    glyphs = []
+    for line in page_layout(seed, size, font_sizes)[1]:
+        font = _font(line.font_size)
+        for i, char in enumerate(line.text):
+            if not char.isalnum():
+                continue
+            x = line.x + font.getlength(line.text[:i])
+            left, top, right, bottom = font.getbbox(char)
+            glyphs.append(Glyph(char, (round(x + left), line.y + top, round(x + right), line.y + bottom)))
+    return glyphs
 
 
 class DocumentDataset(InMemoryCropDataset):
