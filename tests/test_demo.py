@@ -1,5 +1,6 @@
 """`make demo`'s job: the whole chain on tiny models, and a report with every section."""
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ from addsr_pl.demo import (
     REPORT_SECTIONS,
     TEACHER_MANIFEST,
     ablation_table,
-    headline,
+    checks_text,
+    judge,
+    last_run,
     read_log,
     teacher_checkpoint,
     teacher_recipe,
@@ -19,30 +22,33 @@ from addsr_pl.demo import (
 )
 from addsr_pl.paths import PROJECT_ROOT, config_dir
 
+DISTILLATION_OFF = (
+    "student.overrides=[method.optimizer_g.lr=1e-12,method.optimizer_d.lr=1e-4,trainer.limit_val_batches=0]"
+)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["committed", "trained here"])
 def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
     out = tmp_path / "demo"
-    trained_here = ["teacher.checkpoint=null", "teacher.max_steps=60"] if teacher == "trained here" else []
-    done = subprocess.run(
-        # the real chain at a fraction of `make demo`'s lengths (this checks the report, not the numbers)
-        [
-            sys.executable,
-            "-m",
-            "addsr_pl.demo",
-            f"output_dir={out}",
-            "student.max_steps=4",
-            "evaluation.teacher_steps=5",
-            *trained_here,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    # the teacher trained inside the demo; the ablation and the noise floor are the committed run's to check
+    trained_here = [
+        "teacher.checkpoint=null",
+        "teacher.max_steps=60",
+        "ablation.cells=null",
+        "noise_floor.seeds=[]",
+    ]
+    trained_here = trained_here if teacher == "trained here" else []
+    # the real chain at a fraction of `make demo`'s lengths (this checks the report, not the numbers)
+    short = ["student.max_steps=4", "evaluation.teacher_steps=5", "evaluation.dataset.seeds=[1000,1001]",
+             "headline.classifier.steps=30", "noise_floor.seeds=[43]"]  # fmt: skip
+    command = [sys.executable, "-m", "addsr_pl.demo", f"output_dir={out}", *short, *trained_here]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    if teacher == "committed":  # `make demo` again into the same folder: every stage trains afresh
-        again = subprocess.run(done.args, capture_output=True, text=True, timeout=1500)
+    if teacher == "committed":
+        # `make demo` again into the same folder, with distillation switched off: every stage trains afresh,
+        # and the distillation check fails (the student is its teacher, no better at the same steps)
+        again = subprocess.run([*command, DISTILLATION_OFF], capture_output=True, text=True, timeout=1500)
         assert again.returncode == 0, again.stderr[-3000:]
         iterations = [
             int(float(r["train/iteration"])) for r in read_log(out / "student") if r.get("train/iteration")
@@ -50,47 +56,83 @@ def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
         assert (
             iterations and len(iterations) == len(set(iterations)) and max(iterations) <= 4
         )  # one run's log
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["checks"]["distillation"]["passed"] is False
+        assert set(metrics["checks"]) == {"distillation", "near_many_step_teacher", "beats_bicubic", "faster"}
+        assert set(metrics["teacher_steps"]) == set(metrics["student"]) == {"1", "2", "3", "4"}
+        rows = [
+            metrics["bicubic"],
+            metrics["teacher"],
+            *metrics["teacher_steps"].values(),
+            *metrics["student"].values(),
+        ]
+        assert metrics["headline"] == "readability" and all(0 <= r["readability"] <= 1 for r in rows)
+        assert set(metrics["noise_floor"]) == {"1", "2", "3", "4"}
     markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for title in REPORT_SECTIONS:
         assert f"## {title}" in markdown and f"<h2>{title}</h2>" in html.replace("&#x27;", "'"), title
     assert "tiny models" in markdown
+    assert html.count("<li>") == 4 and "<li>distillation: " in html  # one check per line
     for figure in ("losses.png", "ta_schedule.png", "grid_page1000.png"):
         assert (out / "figures" / figure).is_file()
     assert (out / "evaluation" / "perception_distortion.png").is_file()
-    assert (
-        "AddSR-1" in markdown and "AddSR-4" in markdown and "Bicubic" in markdown and "Teacher-" in markdown
+    assert all(
+        f"| {m} |" in markdown
+        for m in ("Bicubic", "Teacher-1", "Teacher-4", "Teacher-5", "AddSR-1", "AddSR-4")
     )
 
 
-def test_an_ablation_whose_cells_all_agree_says_it_cannot_tell_them_apart():
-    full = {"psnr": 11.2220, "ssim": 0.22}
-    same = {"psr_off": {"overrides": ["method.psr=false"], "psnr": 11.2221, "ssim": 0.22}}
-    apart = {"psr_off": {"overrides": ["method.psr=false"], "psnr": 12.5, "ssim": 0.3}}
-    assert "cannot tell the settings apart" in ablation_table(full, same, 0.05)
-    assert "cannot tell" not in ablation_table(full, apart, 0.05)
-    assert "| psr_off | method.psr=false | 12.50 | 0.3000 |" in ablation_table(full, apart, 0.05)
+def test_the_ablation_sets_each_cell_against_the_noise_floor():
+    full = {"psnr": 11.2220, "ssim": 0.22, "readability": 0.50}
+    cells = {"psr_off": {"overrides": ["method.psr=false"], "psnr": 11.3, "ssim": 0.22, "readability": 0.52},
+             "ta_off": {"overrides": ["method.ta_schedule=none"], "psnr": 12.5, "ssim": 0.3, "readability": 0.41}}  # fmt: skip
+    table = ablation_table(full, cells, "readability", 0.03)
+    assert "| psr_off | method.psr=false | 11.30 | 0.2200 | 0.520 | +0.020 | no |" in table
+    assert "| ta_off | method.ta_schedule=none | 12.50 | 0.3000 | 0.410 | -0.090 | yes |" in table
+    assert "Beyond the noise floor: ta_off." in table and "Within it" in table and "psr_off." in table
+    assert "yes |" not in ablation_table(full, cells, "readability", 0.1)
 
 
-def test_the_headline_judges_each_check_from_the_numbers():
-    summary = {
-        "bicubic": {"psnr": 28.0},
-        "teacher": {"psnr": 29.0, "ms": 500.0},
-        "student": {"1": {"psnr": 28.5, "ms": 25.0}, "2": {"psnr": 27.0, "ms": 45.0}},
+def summary_with(student: dict, few: dict, floor: dict) -> dict:
+    return {
+        "bicubic": {"readability": 0.3},
+        "teacher": {"readability": 0.6, "ms": 1000.0, "steps": 50},
+        "teacher_steps": {k: {"readability": v, "ms": 30.0 * int(k)} for k, v in few.items()},
+        "student": {k: {"readability": v, "ms": 30.0 * int(k)} for k, v in student.items()},
+        "headline": "readability",
+        "noise_floor": floor,
     }
-    lines = headline(summary).splitlines()
-    assert lines[0].startswith("- Teacher beats bicubic on PSNR: yes (29.00 vs 28.00")
-    assert lines[1].startswith("- 1-step student beats bicubic on PSNR: yes (28.50")
-    assert lines[2] == (
-        "- Student within 1 dB of the teacher (29.00 dB) at every step count: NO (1: 28.50 dB yes, 2: 27.00 dB NO)"
-    )
-    assert lines[3] == (
-        "- Student at least 10x faster than the teacher per image at every step count: yes (1: 20.0x yes, 2: 11.1x yes)"
-    )
-    summary["student"]["2"]["psnr"] = 28.0
-    summary["student"]["1"]["ms"] = 100.0
-    lines = headline(summary).splitlines()
-    assert lines[2].startswith("- Student within 1 dB of the teacher (29.00 dB) at every step count: yes")
-    assert lines[3].endswith("NO (1: 5.0x NO, 2: 11.1x yes)")
+
+
+def test_the_distillation_check_fails_a_student_no_better_than_its_teacher_at_the_same_steps():
+    checks = OmegaConf.create({"near_tolerance": 0.05, "min_speedup": 10})
+    few = {"1": 0.40, "2": 0.45}
+    distilled = judge(summary_with({"1": 0.58, "2": 0.59}, few, {"1": 0.02, "2": 0.02}), checks)
+    assert {name: c["passed"] for name, c in distilled.items()} == {
+        "distillation": True, "near_many_step_teacher": True, "beats_bicubic": True, "faster": True}  # fmt: skip
+    # the teacher's own weights (distillation switched off): no better than the teacher at the same steps
+    off = judge(summary_with({"1": 0.40, "2": 0.46}, few, {"1": 0.02, "2": 0.02}), checks)
+    assert not off["distillation"]["passed"] and not off["near_many_step_teacher"]["passed"]
+    # better, but not beyond the noise floor at every step count
+    noisy = judge(summary_with({"1": 0.58, "2": 0.49}, few, {"1": 0.02, "2": 0.05}), checks)
+    assert not noisy["distillation"]["passed"]
+    assert noisy["distillation"]["margin"]["2"] == pytest.approx(0.04)
+    lines = checks_text(noisy).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("- distillation: NO: the student beats the teacher")
+    assert "margin {1: 0.180, 2: 0.040}; noise_floor {1: 0.020, 2: 0.050}" in lines[0]
+    slow = summary_with({"1": 0.58, "2": 0.59}, few, {})
+    slow["student"]["2"]["ms"] = 500.0
+    assert not judge(slow, checks)["faster"]["passed"]
+
+
+def test_the_loss_plot_reads_one_run_of_a_log_that_holds_two(tmp_path):
+    rows = [{"train/iteration": str(i), "train/loss": "1"} for i in (0, 40, 80)]
+    rows += [{"train/iteration": "", "train/loss": ""}]
+    rows += [{"train/iteration": str(i), "train/loss": "0.5"} for i in (0, 40)]
+    assert last_run(rows) == rows[4:]
+    assert last_run(rows[:3]) == rows[:3]
+    (tmp_path / "teacher_log.csv").write_text("train/iteration,train/loss\n0,1\n40,1\n0,0.5\n40,0.4\n")
+    assert [r["train/loss"] for r in read_log(tmp_path)] == ["0.5", "0.4"]
 
 
 def test_the_committed_teacher_was_made_with_the_demo_s_settings():
@@ -104,8 +146,6 @@ def test_the_committed_teacher_was_made_with_the_demo_s_settings():
 
 
 def test_a_committed_teacher_made_otherwise_or_missing_is_refused_with_the_fix(tmp_path):
-    import json
-
     settings = OmegaConf.load(config_dir() / "demo.yaml")
     settings.teacher.checkpoint = str(tmp_path)
     with pytest.raises(SystemExit, match="no demo_teacher.json.*make demo-teacher.*teacher.checkpoint=null"):

@@ -10,6 +10,7 @@ import csv
 import html
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -28,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torchvision.utils import make_grid, save_image
 
 from addsr_pl.core.sampler import Denoiser
+from addsr_pl.data.documents import page_glyphs, render_page
 from addsr_pl.evaluate import evaluate
-from addsr_pl.inference.io import write_image
+from addsr_pl.evaluation.readability import GlyphClassifier, GlyphSet, readability, train_glyph_classifier
+from addsr_pl.inference.io import read_image, write_image
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.losses import ta_weights
 from addsr_pl.models.vae import VaeCodec
@@ -231,94 +234,262 @@ def render(pipeline: AddSRPipeline, held_out, folder: Path, seed: int) -> float:
     return sum(timed) / len(timed)
 
 
+class GlyphReader:
+    """The headline measure, readability: a glyph classifier trained on the sharp glyphs of the demo's
+    training pages, and the glyphs of each held-out pair (`headline.classifier` in conf/demo.yaml)."""
+
+    def __init__(self, train_pages: DictConfig, held_out: DictConfig, classifier: DictConfig, seed: int):
+        size, fonts = train_pages.page_size, tuple(train_pages.font_sizes)
+        pages = [torch.from_numpy(render_page(p, size, fonts).copy()).permute(2, 0, 1) / 255
+                 for p in range(train_pages.pages)]  # fmt: skip
+        glyphs = [
+            GlyphSet.inside(page_glyphs(p, size, fonts), (0, 0), size, size) for p in range(train_pages.pages)
+        ]
+        self.classifier: GlyphClassifier = train_glyph_classifier(pages, glyphs, seed=seed, **classifier)
+        # the held-out pairs are centre crops of their pages (`DocumentPairedDataset`)
+        offset = (held_out.page_size - held_out.crop_size) // 2
+        self.glyphs = {
+            f"page{p}": GlyphSet.inside(page_glyphs(p, held_out.page_size, tuple(held_out.font_sizes)),
+                                        (offset, offset), held_out.crop_size, held_out.crop_size)
+            for p in held_out.seeds
+        }  # fmt: skip
+
+    def __call__(self, folder: Path) -> float:
+        """The readability of the held-out images in `folder` (<name>.png each)."""
+        names = list(self.glyphs)
+        images = [read_image(folder / f"{name}.png").rgb for name in names]
+        return readability(self.classifier, images, [self.glyphs[n] for n in names])
+
+
+def add_headline(means: dict, reader: GlyphReader, eval_dir: Path, methods: list[str]) -> None:
+    """Each method's readability of its saved held-out images into its row of `means`."""
+    for method in methods:
+        means[method]["readability"] = reader(eval_dir / "images" / method / HELD_OUT)
+
+
+def idle_cores(cores: int, seconds: float = 0.5) -> int:
+    """How many of `cores` other processes leave idle, from the machine's idle time over `seconds`
+    (/proc/stat); all of them where that cannot be read."""
+
+    def idle_and_total() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return cores
+    machine = os.cpu_count() or cores
+    free = (idle1 - idle0) / max(1, total1 - total0) * machine
+    return max(1, min(cores, math.floor(free + 0.25)))
+
+
+def thread_count(setting: int | None) -> int:
+    """Torch's CPU threads: the setting, or the cores of this process that other processes leave idle. More
+    threads than free cores make every step wait for the thread that is not running: on a machine where
+    another job keeps one of two cores busy, training ran 8x slower with two threads than alone."""
+    return int(setting) if setting else idle_cores(len(os.sched_getaffinity(0)))
+
+
 def timing_ms(timing_csv: Path) -> dict[str, float]:
     """Mean milliseconds per image by method label ("AddSR-1", ...) from the evaluation's timing.csv."""
     with timing_csv.open() as handle:
         return {row["method"]: float(row["mean_ms"]) for row in csv.DictReader(handle)}
 
 
-def metrics_summary(means: dict, ms: dict, teacher_label: str, teacher_ms: float, ablation: dict) -> dict:
-    """`outputs/demo/metrics.json`: bicubic, the teacher and the student per step count, the ablation."""
-    pick = {"psnr", "ssim"}
-    students = sorted(k for k in means if k.startswith("AddSR-"))
+MEASURES = ("psnr", "ssim", "readability")
+
+
+def summary_row(means: dict, label: str, ms: float | None) -> dict:
+    return {**{k: v for k, v in means[label].items() if k in MEASURES}, "ms": ms}
+
+
+def metrics_summary(means: dict, ms: dict, steps: list[int], many_steps: int, headline_name: str,
+                    noise_floor: dict, ablation: dict) -> dict:  # fmt: skip
+    """`outputs/demo/metrics.json`: bicubic; the teacher with many steps (`teacher`) and with each of the
+    student's step counts (`teacher_steps`, the no-distillation baseline); the student per step count; the
+    headline measure's name; the noise floor per step count; the ablation."""
     return {
-        "bicubic": {k: v for k, v in means["Bicubic"].items() if k in pick},
-        "teacher": {**{k: v for k, v in means[teacher_label].items() if k in pick}, "ms": teacher_ms},
-        "student": {
-            label.removeprefix("AddSR-"): {
-                **{k: v for k, v in means[label].items() if k in pick},
-                "ms": ms.get(label),
-            }  # fmt: skip
-            for label in students
+        "bicubic": {k: v for k, v in means["Bicubic"].items() if k in MEASURES},
+        "teacher": {
+            **summary_row(means, f"Teacher-{many_steps}", ms.get(f"Teacher-{many_steps}")),
+            "steps": many_steps,
         },
+        "teacher_steps": {str(k): summary_row(means, f"Teacher-{k}", ms.get(f"Teacher-{k}")) for k in steps},
+        "student": {str(k): summary_row(means, f"AddSR-{k}", ms.get(f"AddSR-{k}")) for k in steps},
+        "headline": headline_name,
+        "noise_floor": noise_floor,
         "ablation": ablation,
     }
 
 
-def headline(summary: dict) -> str:
-    """The demo's claims, each with its measured numbers and whether it holds (the student's at every
-    step count it was scored at)."""
-    bicubic, teacher = summary["bicubic"], summary["teacher"]
-    students = {k: summary["student"][k] for k in sorted(summary["student"], key=int)}
-    one_step = students[min(students, key=int)]
-    close = {k: s["psnr"] >= teacher["psnr"] - 1 for k, s in students.items()}
-    speedup = {k: teacher["ms"] / s["ms"] if s.get("ms") else float("nan") for k, s in students.items()}
+def judge(summary: dict, checks: DictConfig) -> dict:
+    """The demo's claims, each judged from the numbers of `summary` on its headline measure:
+    {name: {"passed": bool, "claim": str, ...its numbers}}.
 
-    def mark(ok: bool) -> str:
-        return "yes" if ok else "NO"
+    - distillation: at every step count the student beats the teacher sampled with as many steps by more
+      than the noise floor (the spread of the headline over students trained with other seeds), so that a
+      student that did not learn from its teacher fails;
+    - near_many_step_teacher: at every step count the student stays within `near_tolerance` of the teacher's
+      many-step result;
+    - beats_bicubic: the 1-step student and the many-step teacher beat bicubic;
+    - faster: the student is at least `min_speedup` times faster per image than the many-step teacher."""
+    h = summary["headline"]
+    student, few, teacher = summary["student"], summary["teacher_steps"], summary["teacher"]
+    floor = summary["noise_floor"]
+    margins = {k: student[k][h] - few[k][h] for k in student}
+    near = {k: student[k][h] - teacher[h] for k in student}
+    speedup = {k: teacher["ms"] / s["ms"] if s.get("ms") and teacher.get("ms") else float("nan")
+               for k, s in student.items()}  # fmt: skip
+    first = min(student, key=int)
+    return {
+        "distillation": {
+            "passed": all(margins[k] > floor.get(k, 0.0) for k in student),
+            "claim": f"the student beats the teacher sampled with as many steps on {h}, beyond the noise floor",
+            "student": {k: student[k][h] for k in student}, "teacher": {k: few[k][h] for k in student},
+            "margin": margins, "noise_floor": floor,
+        },
+        "near_many_step_teacher": {
+            "passed": all(near[k] >= -checks.near_tolerance for k in student),
+            "claim": f"the student stays within {checks.near_tolerance} of the teacher's "
+                     f"{teacher['steps']}-step result on {h}",
+            "student": {k: student[k][h] for k in student}, "teacher": teacher[h], "difference": near,
+        },
+        "beats_bicubic": {
+            "passed": student[first][h] > summary["bicubic"][h] and teacher[h] > summary["bicubic"][h],
+            "claim": f"the {first}-step student and the many-step teacher beat bicubic on {h}",
+            "student": student[first][h], "teacher": teacher[h], "bicubic": summary["bicubic"][h],
+        },
+        "faster": {
+            "passed": all(x >= checks.min_speedup for x in speedup.values()),
+            "claim": f"the student is at least {checks.min_speedup}x faster per image than the many-step teacher",
+            "speedup": speedup,
+        },
+    }  # fmt: skip
 
-    return "\n".join([
-        f"- Teacher beats bicubic on PSNR: {mark(teacher['psnr'] > bicubic['psnr'])} "
-        f"({teacher['psnr']:.2f} vs {bicubic['psnr']:.2f} dB)",
-        f"- 1-step student beats bicubic on PSNR: {mark(one_step['psnr'] > bicubic['psnr'])} "
-        f"({one_step['psnr']:.2f} vs {bicubic['psnr']:.2f} dB)",
-        f"- Student within 1 dB of the teacher ({teacher['psnr']:.2f} dB) at every step count: "
-        f"{mark(all(close.values()))} (" + ", ".join(
-            f"{k}: {s['psnr']:.2f} dB {mark(close[k])}" for k, s in students.items()) + ")",
-        f"- Student at least 10x faster than the teacher per image at every step count: "
-        f"{mark(all(x >= 10 for x in speedup.values()))} (" + ", ".join(
-            f"{k}: {x:.1f}x {mark(x >= 10)}" for k, x in speedup.items()) + ")",
-    ])  # fmt: skip
 
-
-def run_ablation(settings, out: Path, base: list[str], ev) -> dict:
-    """One short student run per cell of `settings.ablation.cells` (the same teacher), each scored at
-    1 step on the held-out pairs: {cell: {"psnr", "ssim"}} as measured."""
-    results = {}
-    for cell, overrides in settings.ablation.cells.items():
-        run = out / "ablation" / cell
-        student = Path(train(compose_config("train", run, [
-            *base, f"trainer.max_steps={settings.ablation.max_steps}", *settings.student.overrides, *overrides]))["student"])  # fmt: skip
-        eval_cfg = eval_config(run / "evaluation", [
-            f"student={student}", f"metrics.names=[{','.join(ev.metrics)}]", "steps=[1]", "include_bicubic=false",
-            "save_images=false", "+upscale.color_fix=none"], ev.dataset)  # fmt: skip
-        means = summary_rows(evaluate(eval_cfg)["records"])
-        results[cell] = {"overrides": list(overrides), **means["AddSR-1"]}
-    return results
-
-
-def ablation_table(full: dict, ablation: dict, spread_floor: float) -> str:
-    lines = ["| Cell | Overrides | PSNR (1 step) | SSIM (1 step) |", "|---|---|---:|---:|",
-             f"| full (PSR on, TA exponential, HR teacher) | - | {full['psnr']:.2f} | {full['ssim']:.4f} |"]  # fmt: skip
-    lines += [
-        f"| {cell} | {' '.join(r['overrides'])} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
-        for cell, r in ablation.items()
-    ]
-    psnrs = [full["psnr"], *(r["psnr"] for r in ablation.values())]
-    if ablation and max(psnrs) - min(psnrs) < spread_floor:
-        lines += ["", f"The cells differ by {max(psnrs) - min(psnrs):.3f} dB, less than {spread_floor} dB: at this "
-                  "length the students have hardly moved from the teacher they start from, so this ablation "
-                  "cannot tell the settings apart here."]  # fmt: skip
+def metrics_table(summary: dict, methods: list[str]) -> str:
+    """Every method's means on the held-out pairs, the headline measure marked."""
+    h = summary["headline"]
+    rows = {"Bicubic": summary["bicubic"], f"Teacher-{summary['teacher']['steps']}": summary["teacher"],
+            **{f"Teacher-{k}": r for k, r in summary["teacher_steps"].items()},
+            **{f"AddSR-{k}": r for k, r in summary["student"].items()}}  # fmt: skip
+    lines = [f"Headline measure: **{h}**.", "", "| Method | PSNR | SSIM | " + ("readability | " if "readability" in
+             summary["bicubic"] else "") + "ms / image |", "|---|---:|---:|" + ("---:|" if "readability" in
+             summary["bicubic"] else "") + "---:|"]  # fmt: skip
+    for label in methods:
+        r = rows[label]
+        read = f" {r['readability']:.3f} |" if "readability" in r else ""
+        ms = f"{r['ms']:.0f}" if r.get("ms") else "-"
+        lines.append(f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} |{read} {ms} |")
     return "\n".join(lines)
 
 
+def checks_text(checks: dict) -> str:
+    """One line per check: its claim, yes or NO, and its numbers."""
+
+    def numbers(value) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {numbers(v)}" for k, v in value.items()) + "}"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    return "\n".join(
+        f"- {name}: {'yes' if c['passed'] else 'NO'}: {c['claim']} ("
+        + "; ".join(f"{k} {numbers(v)}" for k, v in c.items() if k not in ("passed", "claim"))
+        + ")"
+        for name, c in checks.items()
+    )
+
+
+def train_student(settings, run: Path, base: list[str], overrides: list[str], steps: int) -> Path:
+    """A student distilled from the demo's teacher (`base` names its weights); returns the exported folder."""
+    cfg = compose_config(
+        "train", run, [*base, f"trainer.max_steps={steps}", *settings.student.overrides, *overrides]
+    )
+    return Path(train(cfg)["student"])
+
+
+def score_student(
+    student: Path, run: Path, ev, steps: list[int], reader, seed: int
+) -> dict[str, dict[str, float]]:
+    """A student's means per step count ("AddSR-<k>") on the held-out pairs, the headline included, its
+    sampler's noise drawn from `seed`."""
+    eval_cfg = eval_config(run / "evaluation", [
+        f"student={student}", f"metrics.names=[{','.join(ev.metrics)}]", f"steps=[{','.join(map(str, steps))}]",
+        "include_bicubic=false", "+upscale.color_fix=none", f"+upscale.seed={seed}"], ev.dataset)  # fmt: skip
+    means = summary_rows(evaluate(eval_cfg)["records"])
+    add_headline(means, reader, run / "evaluation", [f"AddSR-{k}" for k in steps])
+    return means
+
+
+def noise_floor(
+    settings, out: Path, base: list[str], ev, steps: list[int], main: dict, reader, h: str
+) -> dict:
+    """The spread (max - min) of the headline per step count over the main student and one student per seed
+    of `noise_floor.seeds` (the same teacher and settings; the seed draws both the training's randomness and
+    the sampler's noise): differences below it are noise."""
+    runs = [main]
+    for seed in settings.noise_floor.seeds:
+        run = out / "noise_floor" / f"seed{seed}"
+        student = train_student(settings, run, [*base, f"seed={seed}"], [], settings.student.max_steps)
+        runs.append(score_student(student, run, ev, steps, reader, seed))
+    return {
+        str(k): max(r[f"AddSR-{k}"][h] for r in runs) - min(r[f"AddSR-{k}"][h] for r in runs) for k in steps
+    }
+
+
+def run_ablation(settings, out: Path, base: list[str], ev, reader) -> dict:
+    """One student per cell of `settings.ablation.cells` (the same teacher, one setting changed), each
+    scored at 1 step on the held-out pairs: {cell: {"overrides", measures...}} as measured."""
+    results = {}
+    for cell, overrides in settings.ablation.cells.items():
+        run = out / "ablation" / cell
+        student = train_student(settings, run, base, list(overrides), settings.ablation.max_steps)
+        results[cell] = {
+            "overrides": list(overrides),
+            **score_student(student, run, ev, [1], reader, settings.seed)["AddSR-1"],
+        }
+    return results
+
+
+def ablation_table(full: dict, ablation: dict, headline_name: str, floor: float) -> str:
+    """The cells against the full method at 1 step, and whether each moves the headline beyond the noise floor."""
+    h = headline_name
+    lines = [f"| Cell | Overrides | PSNR | SSIM | {h} | {h} - full | beyond the noise floor ({floor:.3f})? |",
+             "|---|---|---:|---:|---:|---:|---|",
+             f"| full (PSR on, TA exponential, HR teacher) | - | {full['psnr']:.2f} | {full['ssim']:.4f} "
+             f"| {full[h]:.3f} | | |"]  # fmt: skip
+    for cell, r in ablation.items():
+        moved = abs(r[h] - full[h]) > floor
+        lines.append(f"| {cell} | {' '.join(r['overrides'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r[h]:.3f} "
+                     f"| {r[h] - full[h]:+.3f} | {'yes' if moved else 'no'} |")  # fmt: skip
+    if ablation:
+        moved = [cell for cell, r in ablation.items() if abs(r[h] - full[h]) > floor]
+        lines += ["", (f"Beyond the noise floor: {', '.join(moved)}." if moved else "")
+                  + (f" Within it, so not shown to matter at this size and length: "
+                     f"{', '.join(c for c in ablation if c not in moved)}." if len(moved) < len(ablation) else "")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def last_run(rows: list[dict]) -> list[dict]:
+    """The rows of a log's last run: a log that holds several runs back to back (the iteration falls back)
+    would draw their curves joined by a diagonal line."""
+    iterations = [float(r["train/iteration"]) if r.get("train/iteration") else None for r in rows]
+    seen = [(i, it) for i, it in enumerate(iterations) if it is not None]
+    starts = [i for (_, a), (i, b) in zip(seen, seen[1:]) if b < a]
+    return rows[starts[-1] :] if starts else rows
+
+
 def read_log(run_dir: Path) -> list[dict]:
-    """A run's CSV log rows (a committed teacher's `teacher_log.csv`)."""
-    rows = []
-    for path in sorted([*run_dir.glob("csv/*/metrics.csv"), *run_dir.glob("teacher_log.csv")]):
-        with path.open() as handle:
-            rows += list(csv.DictReader(handle))
-    return rows
+    """A run's CSV log rows (a committed teacher's `teacher_log.csv`), of its last run only."""
+    logs = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    logs += sorted(run_dir.glob("teacher_log.csv"))
+    if not logs:
+        return []
+    with logs[-1].open() as handle:
+        return last_run(list(csv.DictReader(handle)))
 
 
 def plot_losses(teacher_rows: list[dict], student_rows: list[dict], path: Path) -> Path:
@@ -433,13 +604,15 @@ def write_report(out: Path, sections: dict) -> tuple[Path, Path]:
            "<h1>AddSR demo report</h1>", f"<p><b>These are tiny models</b>. {html.escape(md[2].split('**')[2])}</p>"]  # fmt: skip
     for title, (text, images) in sections.items():
         md += [f"## {title}", "", text, ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in images] + [""]
-        body = (
-            text
-            if text.lstrip().startswith("<")
-            else f"<pre>{html.escape(text)}</pre>"
-            if "|" in text
-            else f"<p>{html.escape(text)}</p>"
-        )
+        lines = text.strip().splitlines()
+        if lines and all(line.startswith("- ") for line in lines):  # a list: one item per line
+            body = "<ul>" + "".join(f"<li>{html.escape(line[2:])}</li>" for line in lines) + "</ul>"
+        elif text.lstrip().startswith("<"):
+            body = text
+        elif "|" in text:
+            body = f"<pre>{html.escape(text)}</pre>"
+        else:
+            body = f"<p>{html.escape(text)}</p>"
         htm += [f"<h2>{html.escape(title)}</h2>", body] + [
             f"<img src='{p.relative_to(out)}' style='max-width:100%'>" for p in images
         ]
@@ -467,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m addsr_pl.demo [key=value ...]`: conf/demo.yaml with dotted overrides."""
     overrides = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
     settings = OmegaConf.merge(OmegaConf.load(config_dir() / "demo.yaml"), overrides)
+    torch.set_num_threads(thread_count(settings.threads))
     out = Path(settings.output_dir).resolve()
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -481,63 +655,81 @@ def main(argv: list[str] | None = None) -> None:
     held_out = instantiate(ev.dataset)
     checkpoint = teacher_checkpoint(settings)
     teacher_run = out / "teacher"
-    for run in (teacher_run, out / "student", out / "ablation"):
+    for run in (teacher_run, out / "student", out / "ablation", out / "noise_floor", out / "teacher_outputs"):
         fresh_run(run)
     if checkpoint is not None:
         print(
-            f"[1/6] the codec and [2/6] the teacher: committed, {checkpoint} (`make demo-teacher` made them)"
+            f"[1/7] the codec and [2/7] the teacher: committed, {checkpoint} (`make demo-teacher` made them)"
         )
         vae_dir, teacher_dir, teacher_run = checkpoint, checkpoint, checkpoint
     else:
-        print("[1/6] preparing the codec")
+        print("[1/7] preparing the codec")
         vae_dir = prepare_codec(settings.codec, out / "vae_fit", settings.seed, base)
-        print("[2/6] training the tiny teacher")
+        print("[2/7] training the tiny teacher")
         teacher_dir = train_teacher(
             teacher_run, base, vae_dir, settings.teacher.max_steps, settings.teacher.overrides
         )
-    with_vae = [*base, f"model.components.vae_path={vae_dir}"]
+    student_base = [*base, f"model.components.vae_path={vae_dir}", f"model.components.unet_path={teacher_dir}",
+                    f"model.components.controlnet_path={teacher_dir}"]  # fmt: skip
 
-    print("[3/6] distilling the tiny AddSR student")
+    print("[3/7] distilling the tiny AddSR student")
     student_run = out / "student"
     student_cfg = compose_config("train", student_run, [
-        *with_vae, f"model.components.unet_path={teacher_dir}", f"model.components.controlnet_path={teacher_dir}",
-        f"trainer.max_steps={settings.student.max_steps}", *settings.student.overrides])  # fmt: skip
+        *student_base, f"trainer.max_steps={settings.student.max_steps}", *settings.student.overrides])  # fmt: skip
     student_dir = Path(train(student_cfg)["student"])
+    steps = list(compose_config("eval", out / "evaluation", []).steps)
 
-    print("[4/6] evaluating bicubic, the teacher and the student")
+    print(f"[4/7] evaluating bicubic, the teacher with {', '.join(map(str, steps))} and {ev.teacher_steps} "
+          "steps, and the student")  # fmt: skip
+    reader = GlyphReader(compose_config("train", student_run, base).data.train, ev.dataset,
+                         settings.headline.classifier, settings.seed) if settings.data == "documents" else None  # fmt: skip
+    headline_name = "readability" if reader else "psnr"
     teacher_label = f"Teacher-{ev.teacher_steps}"
-    teacher_images = out / "teacher_outputs"
-    teacher = teacher_pipeline(teacher_dir, student_dir, ev.teacher_steps, ev.teacher_renoise)
-    teacher_ms = render(teacher, held_out, teacher_images, settings.seed)
+    teacher_ms = {}
+    for k in [*steps, ev.teacher_steps]:
+        teacher = teacher_pipeline(teacher_dir, student_dir, k, ev.teacher_renoise)
+        teacher_ms[f"Teacher-{k}"] = render(
+            teacher, held_out, out / "teacher_outputs" / f"Teacher-{k}", settings.seed
+        )
     codec_psnr = codec_ceiling(teacher.codec, held_out)
     eval_dir = out / "evaluation"
     eval_cfg = eval_config(eval_dir, [
         f"student={student_dir}", f"metrics.names=[{','.join(ev.metrics)}]", "pd_plot.y_metric=ssim",
-        f"+baselines.{teacher_label}={teacher_images}", "+upscale.color_fix=none"], ev.dataset)  # fmt: skip
+        *(f"+baselines.{label}={out / 'teacher_outputs' / label}" for label in teacher_ms),
+        "+upscale.color_fix=none", f"+upscale.seed={settings.seed}"], ev.dataset)  # fmt: skip
     paths = evaluate(eval_cfg)
     means = summary_rows(paths["records"])
+    methods = ["Bicubic", *teacher_ms, *(f"AddSR-{k}" for k in steps)]
+    if reader:
+        add_headline(means, reader, eval_dir, methods)
 
-    print("[5/6] the ablation: one short student per cell, scored at 1 step")
-    student_base = [
-        *with_vae,
-        f"model.components.unet_path={teacher_dir}",
-        f"model.components.controlnet_path={teacher_dir}",
-    ]
-    ablation = run_ablation(settings, out, student_base, ev) if settings.ablation.cells else {}
+    print(f"[5/7] the noise floor: {len(settings.noise_floor.seeds)} more students with other seeds")
+    floor = (
+        noise_floor(settings, out, student_base, ev, steps, means, reader, headline_name)
+        if settings.noise_floor.seeds
+        else {}
+    )
 
-    print("[6/6] writing the report")
-    summary = metrics_summary(means, timing_ms(paths["timing_csv"]), teacher_label, teacher_ms, ablation)
+    print("[6/7] the ablation: one student per cell, scored at 1 step")
+    ablation = run_ablation(settings, out, student_base, ev, reader) if settings.ablation.cells else {}
+
+    print("[7/7] writing the report")
+    summary = metrics_summary(means, {**timing_ms(paths["timing_csv"]), **teacher_ms}, steps, ev.teacher_steps,
+                              headline_name, floor, ablation)  # fmt: skip
+    summary["checks"] = judge(summary, settings.checks)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    methods = [teacher_label, *(f"AddSR-{k}" for k in eval_cfg.steps)]
-    grids = image_grids(eval_dir, held_out, ["Bicubic", *methods], figures)
+    grids = image_grids(eval_dir, held_out, methods[:1] + [f"Teacher-{k}" for k in steps[:1]] + [teacher_label]
+                        + [f"AddSR-{k}" for k in steps], figures)  # fmt: skip
     sections = {
-        "Does the method work here?": (headline(summary), []),
-        "Metrics": (paths["markdown"].read_text(), []),
-        "Ablation": ("Each cell is a student trained as long as the main one with one setting changed, "
-                     "scored at 1 step, as measured:\n\n"
-                     + ablation_table(summary["student"]["1"], ablation, settings.ablation.spread_floor_db), []),
+        "Does the method work here?": (checks_text(summary["checks"]), []),
+        "Metrics": (metrics_table(summary, methods) + "\n\n" + paths["markdown"].read_text(), []),
+        "Ablation": (f"Each cell is a student trained as long as the main one with one setting changed, "
+                     f"scored at 1 step; the noise floor is the spread of {headline_name} at 1 step over "
+                     f"{1 + len(settings.noise_floor.seeds)} students that differ only in their seed:\n\n"
+                     + ablation_table(summary["student"]["1"], ablation, headline_name, floor.get("1", 0.0)), []),
         "Does the student beat bicubic?": (verdict(means, codec_psnr, teacher_label), []),
-        "Images": ("Each row: LR (nearest x4) | Bicubic | " + " | ".join(methods) + " | HR.", grids),
+        "Images": ("Each row: LR (nearest x4) | Bicubic | Teacher-1 | " + teacher_label + " | "
+                   + " | ".join(f"AddSR-{k}" for k in steps) + " | HR.", grids),
         "Loss curves": ("Training losses of the teacher (Eq. 2) and the student (TA-weighted distillation, G and D).",
                         [plot_losses(read_log(teacher_run), read_log(student_run), figures / "losses.png")]),
         "TA schedule": ("The timestep-adapting weight of the distillation loss per student step.",
