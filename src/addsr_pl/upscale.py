@@ -52,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help="output file or folder (mirrors the input tree)"
     )
     p.add_argument(
-        "--model", type=Path, required=True, help="the exported student folder (<run dir>/student)"
+        "--model",
+        type=Path,
+        required=True,
+        help="a student folder: exported by training (<run dir>/student) or written by import-official",
     )
     p.add_argument(
         "--steps", type=int, help="student steps, 1..4 (the first N student timesteps)" + default(d["steps"])
