@@ -21,7 +21,7 @@ def test_the_implied_noise_is_the_noise_that_made_z_t():
 
 
 def sample(pipeline, lr, noises, renoise):
-    lr_up, text_embeds, representation, timesteps, _ = pipeline._inputs(lr, 4, None, None)
+    lr_up, text_embeds, representation, timesteps, _, _ = pipeline._inputs(lr, 4, None, None)
     with torch.no_grad():
         steps = sample_student(
             pipeline.denoiser, pipeline.codec, lr_up=lr_up, text_embeds=text_embeds,

@@ -50,10 +50,10 @@ def seesr_pipeline(tmp_path_factory):
 
 def sampler_inputs(pipeline: AddSRPipeline, steps: int, batch: int = 1, seed: int = 0) -> list:
     lr = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    lr_up, text, representation, timesteps, noises = pipeline._inputs(
+    lr_up, text, representation, timesteps, posterior_noise, noises = pipeline._inputs(
         lr, steps, torch.Generator().manual_seed(seed), None
     )
-    return [lr_up, text, representation, timesteps, *noises]
+    return [lr_up, text, representation, timesteps, posterior_noise, *noises]
 
 
 def test_seesr_denoiser_step_compiles_to_one_graph(seesr_pipeline):

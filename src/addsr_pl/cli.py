@@ -1,4 +1,5 @@
-"""`addsr-pl <command>`: upscale (images), train and evaluate (Hydra overrides)."""
+"""`addsr-pl <command>`: upscale (images), import-official (the released AddSR model as a student folder),
+train and evaluate (Hydra overrides)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 
 COMMANDS = {
     "upscale": "addsr_pl.upscale",
+    "import-official": "addsr_pl.inference.official",
     "train": "addsr_pl.train",
     "evaluate": "addsr_pl.evaluate",
 }
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     command = importlib.import_module(COMMANDS[argv[0]])
-    if argv[0] == "upscale":
+    if argv[0] in ("upscale", "import-official"):
         return command.main(argv[1:])
     if argv[0] == "train":
         command.check_launcher_extras(argv[1:])

@@ -644,6 +644,25 @@ SCHEMA: dict[str, Group] = {
                 {"min_input_side": POSITIVE, "max_output_pixels": POSITIVE, "max_input_pixels": POSITIVE}
             ),
             "tiling": TILING,
+            "resize": Choice("torch", "pil"),
+            "pil_resize": Group({"min_side": POSITIVE, "multiple": POSITIVE}),
+            "start_latent": Choice("mean", "sample"),
+            "noise": Choice("per_image", "official"),
+            "prompt_join": Choice(None, "clean", "official"),
+            "tagger_input": Choice(None, "upscaled", "lr_bilinear"),
+            "official": Group(
+                {
+                    "resize": Choice("torch", "pil"),
+                    "start_latent": Choice("mean", "sample"),
+                    "noise": Choice("per_image", "official"),
+                    "prompt_join": Choice(None, "clean", "official"),
+                    "tagger_input": Choice(None, "upscaled", "lr_bilinear"),
+                    "color_fix": Choice("adain", "wavelet", "none"),
+                    "psr_weight": Optional(PROBABILITY),
+                    "steps": OneOf(POSITIVE, ListOf(TIMESTEP)),
+                    "prompt_source": Choice("tagger", "text", "none"),
+                }
+            ),
         }
     ),  # fmt: skip
 }

@@ -52,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help="output file or folder (mirrors the input tree)"
     )
     p.add_argument(
-        "--model", type=Path, required=True, help="the exported student folder (<run dir>/student)"
+        "--model",
+        type=Path,
+        required=True,
+        help="a student folder: exported by training (<run dir>/student) or written by import-official",
     )
     p.add_argument(
         "--steps", type=int, help="student steps, 1..4 (the first N student timesteps)" + default(d["steps"])
@@ -136,6 +139,38 @@ def parser() -> argparse.ArgumentParser:
         "--vae-tile-overlap", type=int,
         help="overlap of VAE tiles in pixels, below --vae-tile-size" + default(tiling["vae_overlap"]),
     )  # fmt: skip
+    official = ", ".join(f"{k}={v}" for k, v in d["official"].items())
+    p.add_argument(
+        "--official", action="store_true",
+        help=f"the official test_addsr.py's behaviour: {official} (flags given beside it still win)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resize", choices=["torch", "pil"],
+        help="LR upscaling: torch (float bicubic) | pil (official: 8-bit PIL bicubic, short side >= "
+        f"{d['pil_resize']['min_side']}, sides floored to {d['pil_resize']['multiple']})" + default(d["resize"]),
+    )  # fmt: skip
+    p.add_argument(
+        "--pil-min-side", type=int,
+        help="with --resize pil: a shorter input side is first enlarged to this (official: --process_size / 4)"
+        + default(d["pil_resize"]["min_side"]),
+    )  # fmt: skip
+    p.add_argument(
+        "--start-latent", choices=["mean", "sample"],
+        help="step 1 noises the VAE posterior's mean | a sample of it (official)" + default(d["start_latent"]),
+    )  # fmt: skip
+    p.add_argument(
+        "--noise", choices=["per_image", "official"],
+        help="noise draws: per image | in the official pipeline's order" + default(d["noise"]),
+    )  # fmt: skip
+    p.add_argument(
+        "--prompt-join", choices=["clean", "official"],
+        help="'{tags}, {positive}' | '{tags}, ,{positive}' (official)" + default(d["prompt_join"] or "the student's"),
+    )  # fmt: skip
+    p.add_argument(
+        "--tagger-input", choices=["upscaled", "lr_bilinear"],
+        help="what the tagger sees at step 1: the upscaled LR | the LR resized bilinearly (official)"
+        + default(d["tagger_input"] or "the student's"),
+    )  # fmt: skip
     p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -144,7 +179,14 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> dict:
     """conf/upscale.yaml with the given flags merged in (not yet checked: see `check_settings`)."""
     s = defaults()
+    if getattr(args, "official", False):
+        s.update(s["official"])
     for key in (
+        "resize",
+        "start_latent",
+        "noise",
+        "prompt_join",
+        "tagger_input",
         "psr_weight",
         "seed",
         "precision",
@@ -178,6 +220,8 @@ def settings_from(args: argparse.Namespace) -> dict:
     if args.prompt is not None:
         s["prompt"] = args.prompt
         s["prompt_source"] = "text"
+    if args.pil_min_side is not None:
+        s["pil_resize"]["min_side"] = args.pil_min_side
     if args.batch_size is not None:
         s["batch_size"] = s["tiling"]["latent_tile_batch_size"] = args.batch_size
     for flag, key in (("tile_size", "latent_tile_size"), ("vae_tile_size", "vae_tile_size"),
@@ -194,6 +238,7 @@ FLAGS = {
     "upscale.psr_weight": "--psr-weight",
     "upscale.outscale": "--outscale",
     "upscale.jpeg_quality": "--jpeg-quality",
+    "upscale.pil_resize.min_side": "--pil-min-side",
     "upscale.tiling.latent_tile_size": "--tile-size",
     "upscale.tiling.vae_tile_size": "--vae-tile-size",
     "upscale.tiling.vae_overlap": "--vae-tile-overlap",

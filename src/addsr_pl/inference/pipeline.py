@@ -40,6 +40,12 @@ from addsr_pl.models.vae import VaeCodec
 log = logging.getLogger(__name__)
 
 
+# How step 1's latent comes from the encoded upscaled LR: the VAE posterior's mean, or a sample (official).
+START_LATENTS = ("mean", "sample")
+# per_image: every noise from the image's own generator; official: the official pipeline's draw order.
+NOISE_DRAWS = ("per_image", "official")
+
+
 class AddSRPipeline:
     """LR images in [0, 1] -> SR images in [0, 1], by the student sampler (`sample_student`).
 
@@ -162,26 +168,72 @@ class AddSRPipeline:
         steps: int | list[int] | None,
         generator: torch.Generator | list[torch.Generator] | None,
         manual_prompt: list[str] | None,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, list[Tensor]]:
-        """(padded lr_up, text embeddings, step 1's representation, timesteps, noises): everything the
-        sampler takes, the prompt's tags and the representation from one tagger forward."""
+        lr_up: Tensor | None = None,
+        start_latent: str = "mean",
+        noise: str = "per_image",
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, list[Tensor]]:
+        """(padded lr_up, text embeddings, step 1's representation, timesteps, the VAE posterior's noise
+        or None, noises): everything the sampler takes, the prompt's tags and the representation from one
+        tagger forward. A given `lr_up` (e.g. the official script's PIL upscale) is used as it is."""
+        if start_latent not in START_LATENTS:
+            raise ValueError(f"start_latent = {start_latent!r}: must be one of {', '.join(START_LATENTS)}")
+        if noise not in NOISE_DRAWS:
+            raise ValueError(f"noise = {noise!r}: must be one of {', '.join(NOISE_DRAWS)}")
         lr = lr.to(self.device, torch.float32)
-        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
-        m = self.size_multiple
-        lr_up = upscale(lr, (h, w))
-        pad_h, pad_w = (-h) % m, (-w) % m
-        if pad_h or pad_w:
-            lr_up = F.pad(
-                lr_up, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"
-            )
+        if lr_up is None:
+            h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
+            m = self.size_multiple
+            lr_up = upscale(lr, (h, w))
+            pad_h, pad_w = (-h) % m, (-w) % m
+            if pad_h or pad_w:
+                lr_up = F.pad(
+                    lr_up,
+                    (0, pad_w, 0, pad_h),
+                    mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate",
+                )
+        else:
+            lr_up = lr_up.to(self.device, torch.float32)
         timesteps = torch.tensor(self.timesteps(steps), device=self.device)
         conditioning = self.conditioner.condition(
             self.conditioner.first_step_image(lr, lr_up), manual=manual_prompt
         )
         shape = (lr.shape[0], self.latent_channels, lr_up.shape[-2] // self.codec.scale_factor,
                  lr_up.shape[-1] // self.codec.scale_factor)  # fmt: skip
-        noises = [self.noise(shape, generator) for _ in range(len(timesteps))]
-        return lr_up, conditioning.text_embeds, conditioning.image_embeds, timesteps, noises
+        if noise == "official":
+            posterior_noise, noises = self.official_noise(shape, generator, timesteps)
+        else:
+            noises = [self.noise(shape, generator) for _ in range(len(timesteps))]
+            posterior_noise = self.noise(shape, generator) if start_latent == "sample" else None
+        if start_latent == "mean":
+            posterior_noise = None
+        return lr_up, conditioning.text_embeds, conditioning.image_embeds, timesteps, posterior_noise, noises
+
+    def official_noise(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | list[torch.Generator] | None,
+        timesteps: Tensor,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """(posterior noise, step noises) drawn as the official pipeline draws them, per image: the start
+        noise from the seeded generator; then, from torch's global generator, which the official script
+        seeds with the same seed, the VAE posterior's sample, one draw of the start timestep and each
+        later step's fresh noise. A second generator in the seeded state stands in for the global one,
+        which is left alone."""
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * shape[0]
+        if len(generators) != shape[0] or any(g is None for g in generators):
+            raise ValueError("noise = 'official' needs one seeded generator per image")
+        single = (1, *shape[1:])
+        starts, posteriors, later = [], [], []
+        for g in generators:
+            second = torch.Generator(device=g.device)
+            second.set_state(g.get_state())
+            starts.append(torch.randn(single, generator=g, device=self.device))
+            posteriors.append(torch.randn(single, generator=second, device=self.device))
+            first = int(timesteps[0])
+            torch.randint(first, first + 1, (1,), generator=second, device=self.device)  # the start step
+            later.append([torch.randn(single, generator=second, device=self.device) for _ in timesteps[1:]])
+        noises = [torch.cat(starts)] + [torch.cat(step) for step in zip(*later)]
+        return torch.cat(posteriors), noises
 
     def noise(
         self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None
@@ -208,7 +260,7 @@ class AddSRPipeline:
         return None if psr_decoder == "vae" else self.psr_decoder
 
     def _sample(self, inputs: list, constants: tuple) -> list[StudentStep]:
-        lr_up, text_embeds, representation, timesteps, *noises = inputs
+        lr_up, text_embeds, representation, timesteps, posterior_noise, *noises = inputs
         psr_weight, psr_decoder = constants
         dtype = next(self.denoiser.parameters()).dtype
         return sample_student(
@@ -220,7 +272,9 @@ class AddSRPipeline:
             timesteps=timesteps,
             noises=[n.to(dtype) for n in noises],
             alphas_cumprod=self.alphas_cumprod,
-            start_latent=self.codec.encode(lr_up),
+            start_latent=self.codec.encode(lr_up)
+            if posterior_noise is None
+            else self.codec.encode(lr_up, posterior_noise),
             psr=self.psr,
             psr_weight=psr_weight,
             first_representation=representation,
@@ -232,17 +286,21 @@ class AddSRPipeline:
     def final_image(self, inputs: list, constants: tuple) -> Tensor:
         """The whole sampler, from the prepared inputs to the last step's image: the function that
         `torch.compile` and the CUDA graphs take. inputs: [lr_up, text_embeds, representation,
-        timesteps, *noises]; constants: (psr_weight, psr_decoder)."""
+        timesteps, posterior noise or None, *noises]; constants: (psr_weight, psr_decoder)."""
         return self._sample(inputs, constants)[-1].x0_image
 
-    def _prepare(self, lr, steps, psr_weight, generator, manual_prompt, psr_decoder):
-        """((output height, width), the sampler's inputs, its constants) for `run` and `__call__`."""
-        lr_up, text_embeds, representation, timesteps, noises = self._inputs(
-            lr, steps, generator, manual_prompt
+    def _prepare(self, lr, steps, psr_weight, generator, manual_prompt, psr_decoder, **options):
+        """((output height, width), the sampler's inputs, its constants) for `run` and `__call__`;
+        `options`: `lr_up`, `start_latent`, `noise` of `_inputs`."""
+        lr_up, text_embeds, representation, timesteps, posterior_noise, noises = self._inputs(
+            lr, steps, generator, manual_prompt, **options
         )
         constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
-        size = (lr.shape[-2] * self.scale, lr.shape[-1] * self.scale)
-        return size, [lr_up, text_embeds, representation, timesteps, *noises], constants
+        if options.get("lr_up") is not None:
+            size = tuple(lr_up.shape[-2:])
+        else:
+            size = (lr.shape[-2] * self.scale, lr.shape[-1] * self.scale)
+        return size, [lr_up, text_embeds, representation, timesteps, posterior_noise, *noises], constants
 
     @torch.no_grad()
     def run(
@@ -253,10 +311,12 @@ class AddSRPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         manual_prompt: list[str] | None = None,
         psr_decoder: str | None = None,
+        **options,
     ) -> list[StudentStep]:
-        """All student steps for a batch of LR images (x0 decoded at the last step), eagerly."""
+        """All student steps for a batch of LR images (x0 decoded at the last step), eagerly.
+        `options`: `lr_up`, `start_latent`, `noise` (see `__call__`)."""
         (h, w), inputs, constants = self._prepare(
-            lr, steps, psr_weight, generator, manual_prompt, psr_decoder
+            lr, steps, psr_weight, generator, manual_prompt, psr_decoder, **options
         )
         result = self._sample(inputs, constants)
         for step in result:
@@ -274,12 +334,21 @@ class AddSRPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         manual_prompt: list[str] | None = None,
         psr_decoder: str | None = None,
+        lr_up: Tensor | None = None,
+        start_latent: str = "mean",
+        noise: str = "per_image",
     ) -> Tensor:
         """SR images [B, 3, scale*h, scale*w] in [0, 1], through the compiled / graphed sampler where
-        `with_speed` set one up and the run is untiled (tiled runs stay eager)."""
+        `with_speed` set one up and the run is untiled (tiled runs stay eager).
+
+        `lr_up`: the control image of step 1 at the output size, made by the caller (None: the bicubic
+        upscale of `lr`, padded); `start_latent`: the encoded `lr_up`'s posterior `mean` or a `sample`
+        of it (official); `noise`: `per_image` draws from each image's generator, `official` in the
+        official pipeline's order (`official_noise`)."""
         (h, w), inputs, constants = self._prepare(
-            lr, steps, psr_weight, generator, manual_prompt, psr_decoder
-        )
+            lr, steps, psr_weight, generator, manual_prompt, psr_decoder,
+            lr_up=lr_up, start_latent=start_latent, noise=noise,
+        )  # fmt: skip
         tiled = self.plan is not None and (self.plan.vae_tile_size or self.plan.latent_tile_size)
         if self._graphs is not None and not tiled:
             try:

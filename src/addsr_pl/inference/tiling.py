@@ -290,8 +290,9 @@ class TiledVaeCodec(nn.Module):
         return inputs.device if self.output_device is None else torch.device(self.output_device)
 
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] (H, W multiples of the scale factor) -> scaled latents."""
+    def encode(self, images: Tensor, posterior_noise: Tensor | None = None) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] (H, W multiples of the scale factor) -> scaled latents (the
+        posterior mean; a sample with `posterior_noise` only where the image fits one tile)."""
         factor = self.scale_factor
         height, width = images.shape[-2:]
         if height % factor or width % factor:
@@ -301,7 +302,13 @@ class TiledVaeCodec(nn.Module):
         vae = self.codec.vae
         device, dtype = _device_dtype(vae)
         if self._fits(height, width):
-            return self.codec.encode(images.to(device)).to(self._out_device(images))
+            noise = None if posterior_noise is None else posterior_noise.to(device)
+            return self.codec.encode(images.to(device), noise).to(self._out_device(images))
+        if posterior_noise is not None:
+            raise ValueError(
+                f"start_latent = 'sample' encodes the whole image at once, but {height}x{width} exceeds the VAE "
+                f"tile ({self.tile_size} px): raise --vae-tile-size to {max(height, width)} or use --start-latent mean"
+            )
         with self._encoder_stats.recording():
             self.codec.encode(self._scaled_down(images, factor).to(device))
         encoder = vae.encoder

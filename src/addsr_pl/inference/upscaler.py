@@ -7,8 +7,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -38,6 +40,39 @@ class UpscaleReport:
         return not self.failed
 
 
+def quantize(images: Tensor, mode: str = "round") -> Tensor:
+    """Images in [0, 1] through 8 bits: `round` as diffusers' pipeline output, `floor` as torchvision's
+    `ToPILImage` (which truncates)."""
+    scaled = images.clamp(0, 1) * 255
+    return (scaled.round() if mode == "round" else scaled.floor()) / 255
+
+
+def pil_resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """[B, 3, h, w] in [0, 1] -> [B, 3, *size] through 8-bit PIL images and PIL's bicubic filter (its
+    kernel has a = -0.5 and widens when shrinking; torch's has a = -0.75 and does not)."""
+    height, width = size
+    out = []
+    for image in quantize(images).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+        resized = Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1))
+    return torch.stack(out).to(images.device, torch.float32) / 255
+
+
+def pil_upscale(lr: Tensor, scale: int, min_side: int, multiple: int) -> Tensor:
+    """The official script's control image: the 8-bit LR, its short side first enlarged to `min_side`
+    (sides truncated to integers), then x`scale`, then resized to sides floored to `multiple`, each
+    by PIL's bicubic filter."""
+    images = quantize(lr)
+    height, width = images.shape[-2:]
+    if min(height, width) < min_side:
+        factor = min_side / min(height, width)
+        images = pil_resize(images, (int(factor * height), int(factor * width)))
+        height, width = images.shape[-2:]
+    images = pil_resize(images, (height * scale, width * scale))
+    floored = (height * scale // multiple * multiple, width * scale // multiple * multiple)
+    return images if floored == tuple(images.shape[-2:]) else pil_resize(images, floored)
+
+
 class Upscaler:
     """An AddSRPipeline applied to whole images.
 
@@ -50,11 +85,21 @@ class Upscaler:
 
     Every image draws its noise from its own generator seeded with `seed`, so its output does not
     depend on the batch it shares.
+
+    The settings that restore the official `test_addsr.py` (each one departure; `--official` sets all):
+    `resize: pil` (the 8-bit PIL pipeline of `pil_upscale`, the output resized back by PIL),
+    `start_latent: sample`, `noise: official`, `prompt_join: official`, `tagger_input: lr_bilinear`
+    (the last two override the student's conditioning when not null).
     """
 
     def __init__(self, pipeline: AddSRPipeline, settings: dict):
         self.pipeline = pipeline
         self.settings = settings
+        conditioner = pipeline.conditioner
+        if settings.get("prompt_join") is not None:
+            conditioner.prompt_encoder.prompt_join = settings["prompt_join"]
+        if settings.get("tagger_input") is not None:
+            conditioner.inference_tagger_input = settings["tagger_input"]
         source = settings["prompt_source"]
         encoder = pipeline.conditioner.prompt_encoder
         if source == "text":
@@ -83,8 +128,19 @@ class Upscaler:
         """[B, 3, h, w] in [0, 1] -> [B, 3, H, W] in [0, 1] at the output scale (colour fixed)."""
         s = self.settings
         height, width = lr.shape[-2] * self.pipeline.scale, lr.shape[-1] * self.pipeline.scale
-        pad = self.pipeline.size_multiple
-        pipeline = self.pipeline.with_tiling(height + (-height) % pad, width + (-width) % pad, s["tiling"])
+        official_resize = s.get("resize", "torch") == "pil"
+        lr_up = None
+        if official_resize:
+            lr = quantize(lr)
+            lr_up = pil_upscale(
+                lr, self.pipeline.scale, s["pil_resize"]["min_side"], s["pil_resize"]["multiple"]
+            )
+            pipeline = self.pipeline.with_tiling(*lr_up.shape[-2:], s["tiling"])
+        else:
+            pad = self.pipeline.size_multiple
+            pipeline = self.pipeline.with_tiling(
+                height + (-height) % pad, width + (-width) % pad, s["tiling"]
+            )
         generators = [
             torch.Generator(device=pipeline.device).manual_seed(int(s["seed"])) for _ in range(lr.shape[0])
         ]
@@ -96,9 +152,22 @@ class Upscaler:
             generator=generators,
             manual_prompt=manual,
             psr_decoder=s.get("psr_decoder"),
+            lr_up=lr_up,
+            start_latent=s.get("start_latent", "mean"),
+            noise=s.get("noise", "per_image"),
         )
-        reference = upscale(lr.to(sr.device, sr.dtype), (height, width))
-        sr = color_fix(s["color_fix"], sr, reference, wavelet_levels=s["wavelet_levels"]).clamp(0, 1)
+        if official_resize:
+            # the official order: 8-bit output, colour fix against the 8-bit upscale (truncated back to
+            # 8 bits by ToPILImage), then PIL's resize to the x4 size of the input
+            sr = quantize(sr)
+            if s["color_fix"] != "none":
+                fixed = color_fix(s["color_fix"], sr, lr_up.to(sr.device), wavelet_levels=s["wavelet_levels"])
+                sr = quantize(fixed, "floor")
+            if tuple(sr.shape[-2:]) != (height, width):
+                sr = pil_resize(sr, (height, width))
+        else:
+            reference = upscale(lr.to(sr.device, sr.dtype), (height, width))
+            sr = color_fix(s["color_fix"], sr, reference, wavelet_levels=s["wavelet_levels"]).clamp(0, 1)
         if s["outscale"] and float(s["outscale"]) != self.pipeline.scale:
             size = (round(lr.shape[-2] * float(s["outscale"])), round(lr.shape[-1] * float(s["outscale"])))
             sr = F.interpolate(sr, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)

@@ -95,9 +95,16 @@ class VaeCodec(nn.Module):
         weight = next(self.vae.parameters(), None)
         return weight.dtype if weight is not None else images.dtype
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, posterior_noise: Tensor | None = None) -> Tensor:
+        """Scaled latents of images in [0, 1]: the posterior's mean, or with `posterior_noise` (standard
+        normal, latent-shaped) the sample mean + std * noise, as the official pipeline encodes."""
         posterior = self.vae.encode(images.to(self._dtype(images)) * 2 - 1).latent_dist
-        return (posterior.mean - self.shift_factor) * self.scaling_factor
+        latent = posterior.mean
+        if posterior_noise is not None:
+            if self.lossless:
+                raise ValueError("start_latent = 'sample' needs a VAE; this student's codec is lossless")
+            latent = latent + posterior.std * posterior_noise.to(latent.dtype)
+        return (latent - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         images = self.vae.decode(
