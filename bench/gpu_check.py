@@ -36,7 +36,7 @@ def graph_breaks(cache_dir: str, presets: list[str]) -> dict:
             parts, cond, timesteps, psr_weight, speed, torch.device("cpu"), tiny_psr=False
         )
         lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-        lr_up, text, representation, ts, noises = pipeline._inputs(lr, 2, None, None)
+        lr_up, text, representation, ts, _, noises = pipeline._inputs(lr, 2, None, None)
         with torch.no_grad():
             if name == "tiny_seesr":
                 z = torch.randn(1, 4, *(s // pipeline.codec.scale_factor for s in lr_up.shape[-2:]))
@@ -45,7 +45,7 @@ def graph_breaks(cache_dir: str, presets: list[str]) -> dict:
                 )
                 counts["seesr_denoiser_step"] = step.graph_break_count
             whole = torch._dynamo.explain(pipeline.final_image)(
-                [lr_up, text, representation, ts, *noises], (psr_weight, None)
+                [lr_up, text, representation, ts, None, *noises], (psr_weight, None)
             )
         counts[f"{'seesr' if name == 'tiny_seesr' else 'sd2'}_whole_sampler"] = whole.graph_break_count
         torch._dynamo.reset()

@@ -238,7 +238,7 @@ def time_part(fn: Callable[[], object], device: torch.device, iters: int) -> flo
 @torch.no_grad()
 def breakdown(pipeline: AddSRPipeline, lr: torch.Tensor, device: torch.device, iters: int) -> dict:
     """Median ms of each part of ours eager: one denoiser step, VAE decode/encode, tagger, small decoder."""
-    lr_up, text, representation, timesteps, noises = pipeline._inputs(lr, 4, None, None)
+    lr_up, text, representation, timesteps, _, noises = pipeline._inputs(lr, 4, None, None)
     dtype = next(pipeline.denoiser.parameters()).dtype
     from addsr_pl.models.conditioning import Conditioning
 
