@@ -468,9 +468,10 @@ def ablation_table(full: dict, ablation: dict, headline_name: str, floor: float)
                      f"| {r[h] - full[h]:+.3f} | {'yes' if moved else 'no'} |")  # fmt: skip
     if ablation:
         moved = [cell for cell, r in ablation.items() if abs(r[h] - full[h]) > floor]
-        lines += ["", (f"Beyond the noise floor: {', '.join(moved)}." if moved else "")
-                  + (f" Within it, so not shown to matter at this size and length: "
-                     f"{', '.join(c for c in ablation if c not in moved)}." if len(moved) < len(ablation) else "")]  # fmt: skip
+        within = [cell for cell in ablation if cell not in moved]
+        lines += ["", " ".join(
+            ([f"Beyond the noise floor: {', '.join(moved)}."] if moved else [])
+            + ([f"Within it, so not shown to matter at this size and length: {', '.join(within)}."] if within else []))]  # fmt: skip
     return "\n".join(lines)
 
 
