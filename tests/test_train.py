@@ -35,6 +35,8 @@ def test_the_training_command_leaves_a_checkpoint_and_the_student(tmp_path, cach
     assert "4/4" in last_bar and "it/s" in last_bar, last_bar
     assert "loss_g=" in last_bar and "loss_d=" in last_bar, last_bar
     assert "Epoch" not in done.stdout + done.stderr
+    # checkpoints are read weights-only; Lightning's note on how it saves them would say otherwise
+    assert "weights_only` was not set" not in done.stdout + done.stderr
     # the end of the run in iterations, not in Lightning's optimizer steps (2 per iteration)
     assert "`trainer.max_steps=4` iterations reached" in done.stdout + done.stderr
     assert "max_steps=8" not in done.stdout + done.stderr

@@ -14,3 +14,10 @@ _BITSANDBYTES_KERNEL_MESSAGES = {
 }
 for _name, _start in _BITSANDBYTES_KERNEL_MESSAGES.items():
     logging.getLogger(_name).addFilter(lambda record, start=_start: not record.getMessage().startswith(start))
+
+# Lightning logs "`weights_only` was not set, defaulting to `False`." each time it *saves* a checkpoint:
+# it means that the optimizer and loop states are saved too, which resume needs. Every checkpoint is
+# *read* weights-only here (`addsr_pl.resume`), and a message that says otherwise misleads.
+logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").addFilter(
+    lambda record: not record.getMessage().startswith("`weights_only` was not set")
+)
