@@ -205,20 +205,31 @@ def eval_config(run_dir: Path, overrides: list[str], held_out) -> DictConfig:
     return cfg
 
 
-def teacher_pipeline(
-    teacher_dir: Path, student_dir: Path, steps: int, renoise: str = "ddim"
-) -> AddSRPipeline:
-    """The trained teacher as an upscaler: the student's sampler over `steps` evenly spaced timesteps,
-    with DDIM's deterministic re-noising (`renoise`; the student's fresh noise at each of many steps
-    piles up the errors of an imperfect tiny teacher)."""
+def teacher_pipelines(
+    teacher_dir: Path, student_dir: Path, step_counts: list[int], renoise: str = "ddim"
+) -> dict[int, AddSRPipeline]:
+    """The trained teacher as an upscaler for each step count: the student's sampler over that many evenly
+    spaced timesteps, with DDIM's deterministic re-noising (`renoise`; the student's fresh noise at each of
+    many steps piles up the errors of an imperfect tiny teacher). The weights are read once and shared."""
     student = AddSRPipeline.from_folder(student_dir)
     cls_unet, cls_cn = type(student.denoiser.unet), type(student.denoiser.controlnet)
     denoiser = Denoiser(cls_unet.from_pretrained(teacher_dir, subfolder="unet"),
                         cls_cn.from_pretrained(teacher_dir, subfolder="controlnet")).eval()  # fmt: skip
-    timesteps = torch.linspace(999, 0, steps + 1)[:-1].round().long().tolist()
-    return AddSRPipeline(denoiser, student.codec, student.conditioner, student.alphas_cumprod, timesteps,
-                         psr=False, psr_weight=0.0, scale=student.scale,
-                         prediction_type=student.prediction_type, renoise=renoise)  # fmt: skip
+    return {
+        steps: AddSRPipeline(
+            denoiser,
+            student.codec,
+            student.conditioner,
+            student.alphas_cumprod,
+            torch.linspace(999, 0, steps + 1)[:-1].round().long().tolist(),
+            psr=False,
+            psr_weight=0.0,
+            scale=student.scale,
+            prediction_type=student.prediction_type,
+            renoise=renoise,
+        )  # fmt: skip
+        for steps in step_counts
+    }
 
 
 def render(pipeline: AddSRPipeline, held_out, folder: Path, seed: int) -> float:
@@ -683,17 +694,16 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[4/7] evaluating bicubic, the teacher with {', '.join(map(str, steps))} and {ev.teacher_steps} "
           "steps, and the student")  # fmt: skip
-    reader = GlyphReader(compose_config("train", student_run, base).data.train, ev.dataset,
+    reader = GlyphReader(student_cfg.data.train, ev.dataset,
                          settings.headline.classifier, settings.seed) if settings.data == "documents" else None  # fmt: skip
     headline_name = "readability" if reader else "psnr"
     teacher_label = f"Teacher-{ev.teacher_steps}"
-    teacher_ms = {}
-    for k in [*steps, ev.teacher_steps]:
-        teacher = teacher_pipeline(teacher_dir, student_dir, k, ev.teacher_renoise)
-        teacher_ms[f"Teacher-{k}"] = render(
-            teacher, held_out, out / "teacher_outputs" / f"Teacher-{k}", settings.seed
-        )
-    codec_psnr = codec_ceiling(teacher.codec, held_out)
+    teachers = teacher_pipelines(teacher_dir, student_dir, [*steps, ev.teacher_steps], ev.teacher_renoise)
+    teacher_ms = {
+        f"Teacher-{k}": render(teacher, held_out, out / "teacher_outputs" / f"Teacher-{k}", settings.seed)
+        for k, teacher in teachers.items()
+    }
+    codec_psnr = codec_ceiling(teachers[ev.teacher_steps].codec, held_out)
     eval_dir = out / "evaluation"
     eval_cfg = eval_config(eval_dir, [
         f"student={student_dir}", f"metrics.names=[{','.join(ev.metrics)}]", "pd_plot.y_metric=ssim",

@@ -84,9 +84,9 @@ def train_glyph_classifier(pages: Sequence[Tensor], glyph_sets: Sequence[GlyphSe
     moved by up to `jitter` pixels per side, so that the classifier reads a letter, not its exact frame."""
     generator = torch.Generator().manual_seed(seed)
     classes = "".join(sorted({g.char for s in glyph_sets for g in s.glyphs}))
-    classifier = GlyphClassifier(classes, size, width)
-    torch.manual_seed(seed)
-    classifier.net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    with torch.random.fork_rng():  # the seed draws the initial weights, and leaves the global RNG alone
+        torch.manual_seed(seed)
+        classifier = GlyphClassifier(classes, size, width)
     stack = torch.stack(list(pages))
     page_index = torch.cat([torch.full((len(s.glyphs),), p) for p, s in enumerate(glyph_sets)])
     labels = torch.cat([classifier.labels(s.glyphs) for s in glyph_sets])
