@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from addsr_pl.core.sampler import LR_RESIZES, NOISE_DRAWS, START_LATENTS
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
 from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES, TAGGER_INPUTS
@@ -644,19 +645,19 @@ SCHEMA: dict[str, Group] = {
                 {"min_input_side": POSITIVE, "max_output_pixels": POSITIVE, "max_input_pixels": POSITIVE}
             ),
             "tiling": TILING,
-            "resize": Choice("torch", "pil"),
+            "resize": Choice(*LR_RESIZES),
             "pil_resize": Group({"min_side": POSITIVE, "multiple": POSITIVE}),
-            "start_latent": Choice("mean", "sample"),
-            "noise": Choice("per_image", "official"),
-            "prompt_join": Choice(None, "clean", "official"),
-            "tagger_input": Choice(None, "upscaled", "lr_bilinear"),
+            "start_latent": Choice(*START_LATENTS),
+            "noise": Choice(*NOISE_DRAWS),
+            "prompt_join": Choice(None, *PROMPT_JOINS),
+            "tagger_input": Choice(None, *TAGGER_INPUTS),
             "official": Group(
                 {
-                    "resize": Choice("torch", "pil"),
-                    "start_latent": Choice("mean", "sample"),
-                    "noise": Choice("per_image", "official"),
-                    "prompt_join": Choice(None, "clean", "official"),
-                    "tagger_input": Choice(None, "upscaled", "lr_bilinear"),
+                    "resize": Choice(*LR_RESIZES),
+                    "start_latent": Choice(*START_LATENTS),
+                    "noise": Choice(*NOISE_DRAWS),
+                    "prompt_join": Choice(None, *PROMPT_JOINS),
+                    "tagger_input": Choice(None, *TAGGER_INPUTS),
                     "color_fix": Choice("adain", "wavelet", "none"),
                     "psr_weight": Optional(PROBABILITY),
                     "steps": OneOf(POSITIVE, ListOf(TIMESTEP)),

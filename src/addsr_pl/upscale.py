@@ -19,11 +19,13 @@ import torch
 from omegaconf import OmegaConf
 
 from addsr_pl.config import ConfigError, check_schema
+from addsr_pl.core.sampler import LR_RESIZES, NOISE_DRAWS, START_LATENTS
 from addsr_pl.core.student_format import MANIFEST
 from addsr_pl.inference.io import list_images, plan_outputs
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.inference.upscaler import Upscaler
+from addsr_pl.models.conditioning import PROMPT_JOINS, TAGGER_INPUTS
 from addsr_pl.paths import config_dir
 
 
@@ -145,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"the official test_addsr.py's behaviour: {official} (flags given beside it still win)",
     )  # fmt: skip
     p.add_argument(
-        "--resize", choices=["torch", "pil"],
+        "--resize", choices=LR_RESIZES,
         help="LR upscaling: torch (float bicubic) | pil (official: 8-bit PIL bicubic, short side >= "
         f"{d['pil_resize']['min_side']}, sides floored to {d['pil_resize']['multiple']})" + default(d["resize"]),
     )  # fmt: skip
@@ -155,19 +157,19 @@ def parser() -> argparse.ArgumentParser:
         + default(d["pil_resize"]["min_side"]),
     )  # fmt: skip
     p.add_argument(
-        "--start-latent", choices=["mean", "sample"],
+        "--start-latent", choices=START_LATENTS,
         help="step 1 noises the VAE posterior's mean | a sample of it (official)" + default(d["start_latent"]),
     )  # fmt: skip
     p.add_argument(
-        "--noise", choices=["per_image", "official"],
+        "--noise", choices=NOISE_DRAWS,
         help="noise draws: per image | in the official pipeline's order" + default(d["noise"]),
     )  # fmt: skip
     p.add_argument(
-        "--prompt-join", choices=["clean", "official"],
+        "--prompt-join", choices=PROMPT_JOINS,
         help="'{tags}, {positive}' | '{tags}, ,{positive}' (official)" + default(d["prompt_join"] or "the student's"),
     )  # fmt: skip
     p.add_argument(
-        "--tagger-input", choices=["upscaled", "lr_bilinear"],
+        "--tagger-input", choices=TAGGER_INPUTS,
         help="what the tagger sees at step 1: the upscaled LR | the LR resized bilinearly (official)"
         + default(d["tagger_input"] or "the student's"),
     )  # fmt: skip

@@ -91,6 +91,15 @@ def implied_noise(z_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) ->
     return (z_t.to(dtype) - alpha_bar.sqrt() * x0.to(dtype)) / (1 - alpha_bar).sqrt()
 
 
+# How the LR becomes the first control: torch's float bicubic (`upscale`) or the official script's 8-bit PIL
+# pipeline (`inference.upscaler.pil_upscale`).
+LR_RESIZES = ("torch", "pil")
+# How step 1's latent comes from the encoded upscaled LR: the VAE posterior's mean, or a sample (official).
+START_LATENTS = ("mean", "sample")
+# per_image: every noise from the image's own generator; official: the official pipeline's draw order.
+NOISE_DRAWS = ("per_image", "official")
+
+
 def upscale(lr: Tensor, size: tuple[int, int]) -> Tensor:
     """The LR image bicubically upscaled to the output size, in [0, 1]: the ControlNet's first control."""
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from addsr_pl.core.sampler import (
+    NOISE_DRAWS,
+    START_LATENTS,
     Denoiser,
     StudentStep,
     require_supported_prediction,
@@ -38,12 +40,6 @@ from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.vae import VaeCodec
 
 log = logging.getLogger(__name__)
-
-
-# How step 1's latent comes from the encoded upscaled LR: the VAE posterior's mean, or a sample (official).
-START_LATENTS = ("mean", "sample")
-# per_image: every noise from the image's own generator; official: the official pipeline's draw order.
-NOISE_DRAWS = ("per_image", "official")
 
 
 class AddSRPipeline:
