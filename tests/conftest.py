@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -76,16 +77,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextmanager
+def one_thread():
+    """Torch on one thread inside: CPU kernels split their sums by thread count, so bit-exact results
+    (tests/test_golden.py) need the same count whatever the suite runs with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory, cache_dir):
-    """An exported tiny student (two training iterations on the sample photos)."""
+    """An exported tiny student (two training iterations on the sample photos, on one thread: its
+    weights are bit-exact, see tests/test_golden.py)."""
     from addsr_pl.train import train
 
     run = tmp_path_factory.mktemp("student_run")
     cfg = compose_train(
         run, ["data.crop_size=32", "trainer.max_steps=2", "trainer.limit_val_batches=0"], cache_dir
     )
-    return train(cfg)["student"]
+    with one_thread():
+        return train(cfg)["student"]
 
 
 def output_or_kill(proc, timeout: float, what: str) -> str:
