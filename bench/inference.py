@@ -42,6 +42,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import Denoiser, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.speed import SpeedSettings, exported_defaults
@@ -119,7 +120,7 @@ def ours(parts, cond, timesteps, psr_weight, speed: SpeedSettings, device, tiny_
         Denoiser(parts.unet, parts.controlnet).eval(),
         codec,
         Conditioner.from_config(parts.text_encoder, parts.tokenizer, parts.unet, cond).eval(),
-        parts.scheduler.alphas_cumprod.clone().float(),
+        noise_schedule_from(parts.scheduler, "student"),
         timesteps,
         psr=True,
         psr_weight=psr_weight,

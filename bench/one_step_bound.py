@@ -32,7 +32,8 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from addsr_pl.core.sampler import add_noise, predict_x0, upscale
+from addsr_pl.core.noise_schedule import DDPMSchedule
+from addsr_pl.core.sampler import upscale
 from addsr_pl.data.degradation import BicubicDegradation
 from addsr_pl.paths import config_dir
 
@@ -87,6 +88,7 @@ def main() -> None:
     unet, controlnet, alphas_cumprod, context_dim = build(
         args.factor, [int(w) for w in args.widths.split(",")], args.crop
     )
+    schedule = DDPMSchedule(alphas_cumprod, "epsilon" if args.prediction == "epsilon" else "v_prediction")
     params = [*unet.parameters(), *controlnet.parameters()]
     data = OmegaConf.load(config_dir() / "data" / f"{args.data}.yaml")
     train_cfg = OmegaConf.to_container(data.train)  # its ${..} keys are given here
@@ -117,10 +119,7 @@ def main() -> None:
         )
         out = unet(z_t, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                    mid_block_additional_residual=mid).sample  # fmt: skip
-        if args.prediction == "epsilon":
-            return predict_x0(z_t, out, t, alphas_cumprod)
-        a = alphas_cumprod[T_START]
-        return a.sqrt() * z_t - (1 - a).sqrt() * out
+        return schedule.predict_x0(z_t, out, t)
 
     def score() -> tuple[float, float]:
         gen = torch.Generator().manual_seed(args.seed)
@@ -130,8 +129,8 @@ def main() -> None:
                 lr, hr = item["lr"][None], item["hr"][None]
                 lr_up = upscale(lr, hr.shape[-2:])
                 start = encode(lr_up)  # inference starts from the upscaled LR's latent
-                z_t = add_noise(
-                    start, torch.randn(start.shape, generator=gen), torch.tensor([T_START]), alphas_cumprod
+                z_t = schedule.add_noise(
+                    start, torch.randn(start.shape, generator=gen), torch.tensor([T_START])
                 )
                 ours.append(psnr(decode(one_step(z_t, lr_up)), hr))
                 bicubic.append(psnr(lr_up, hr))
@@ -143,7 +142,7 @@ def main() -> None:
         for batch in loader:
             hr, lr = degrade(batch["hr"])
             z0 = encode(hr)
-            z_t = add_noise(z0, torch.randn_like(z0), torch.full((z0.shape[0],), T_START), alphas_cumprod)
+            z_t = schedule.add_noise(z0, torch.randn_like(z0), torch.full((z0.shape[0],), T_START))
             loss = F.mse_loss(one_step(z_t, upscale(lr, hr.shape[-2:])), z0)
             optimizer.zero_grad()
             loss.backward()

@@ -36,7 +36,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from addsr_pl.core.sampler import add_noise, predict_x0, upscale
+from addsr_pl.core.noise_schedule import noise_schedule_from
+from addsr_pl.core.sampler import upscale
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 from addsr_pl.method.module import AddSRModule
@@ -165,7 +166,7 @@ class PlainRecipe:
         frozen_dtype = torch.bfloat16 if self.autocast else torch.float32
         c = instantiate(parts["model"]["components"], _convert_="all")
         self.vae, self.text_encoder, self.tokenizer = c.vae, c.text_encoder, c.tokenizer
-        self.alphas = c.scheduler.alphas_cumprod.float().to(device)
+        self.schedule = noise_schedule_from(c.scheduler, "bench").to(device)
         cond = parts["conditioning"]
         self.tagger = build_tagger(cond["tagger"]) if cond.get("tagger") else None
         self.prompt, self.positive = cond["prompt"], cond["positive_prompt"]
@@ -251,17 +252,17 @@ class PlainRecipe:
                 noise = torch.randn(hr_latent.shape, generator=g, device=dev)
                 start = torch.randint(0, len(self.student_t) - 1, (b,), generator=g, device=dev)
                 t1, t2 = self.student_t[start], self.student_t[start + 1]
-                z1 = add_noise(hr_latent, noise, t1, self.alphas)
+                z1 = self.schedule.add_noise(hr_latent, noise, t1)
                 eps = self.denoise(self.unet_s, self.cn_s, z1, t1, lr_up, text, self.represent(lr_up))
-                control = self.decode(predict_x0(z1, eps, t1, self.alphas))  # PSR
-            z2 = add_noise(hr_latent, noise, t2, self.alphas)
+                control = self.decode(self.schedule.predict_x0(z1, eps, t1))  # PSR
+            z2 = self.schedule.add_noise(hr_latent, noise, t2)
             eps = self.denoise(self.unet_s, self.cn_s, z2, t2, control, text, self.represent(control))
-            x0 = predict_x0(z2, eps, t2, self.alphas)
+            x0 = self.schedule.predict_x0(z2, eps, t2)
             image = self.decode(x0)
             with torch.no_grad():  # teacher at n timesteps per sample, HR-conditioned, decoded at once
                 t = torch.randint(0, 1000, (b * n,), generator=g, device=dev)
-                z_t = add_noise(
-                    x0.detach().repeat_interleave(n, 0), noise.repeat_interleave(n, 0), t, self.alphas
+                z_t = self.schedule.add_noise(
+                    x0.detach().repeat_interleave(n, 0), noise.repeat_interleave(n, 0), t
                 )
                 text_t, image_t = self.embed_text(hr), self.represent(hr)
                 eps_t = self.denoise(
@@ -273,9 +274,9 @@ class PlainRecipe:
                     text_t.repeat_interleave(n, 0),
                     None if image_t is None else image_t.repeat_interleave(n, 0),
                 )
-                target = self.decode(predict_x0(z_t, eps_t, t, self.alphas))
+                target = self.decode(self.schedule.predict_x0(z_t, eps_t, t))
                 c = self.disc.condition(lr_up)
-            per_sample = distillation_loss(image, target, t, self.alphas)
+            per_sample = distillation_loss(image, target, self.schedule.distillation_weight(t))
             loss_dis = (per_sample * self.ta[start + 1]).mean()
             loss = loss_dis + m["lambda_adv"] * generator_loss(self.disc(image, c, g))
         loss.backward()

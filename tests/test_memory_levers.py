@@ -43,7 +43,9 @@ def generator_loss_and_grads(module, sample_pair):
     lr_up = upscale(lr, hr.shape[-2:])
     unroll = module.student_unroll(hr, lr_up, g, g)
     teacher_x0, teacher_t = module.teacher_targets(unroll, hr, g)
-    loss = distillation_loss(unroll.graded.x0_image, teacher_x0, teacher_t, module.alphas_cumprod).mean()
+    loss = distillation_loss(
+        unroll.graded.x0_image, teacher_x0, module.noise_schedule.distillation_weight(teacher_t)
+    ).mean()
     c = module.discriminator.condition(lr_up)
     loss = loss + generator_loss(module.discriminator(unroll.graded.x0_image, c, g))
     loss.backward()

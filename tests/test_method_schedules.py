@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from addsr_pl.core.noise_schedule import DDPMSchedule
 from addsr_pl.method.losses import (
     discriminator_hinge_loss,
     distillation_loss,
@@ -70,7 +71,7 @@ def test_distillation_loss_weights_each_teacher_timestep_by_sqrt_alpha_bar():
     student = torch.zeros(2, 3, 4, 4)
     teacher = torch.ones(4, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1)
     t = torch.tensor([0, 10, 500, 999])
-    loss = distillation_loss(student, teacher, t, alphas)
+    loss = distillation_loss(student, teacher, DDPMSchedule(alphas).distillation_weight(t))
     expected0 = (alphas[0].sqrt() * 1 + alphas[10].sqrt() * 4) / 2
     expected1 = (alphas[500].sqrt() * 9 + alphas[999].sqrt() * 16) / 2
     assert torch.allclose(loss, torch.stack([expected0, expected1]))

@@ -12,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from addsr_pl.core.sampler import add_noise, predict_x0, upscale
+from addsr_pl.core.noise_schedule import DDPMSchedule
+from addsr_pl.core.sampler import upscale
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_step_index
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.models.conditioning import PromptEncoder
@@ -45,18 +46,20 @@ def test_official_recipe_switches_each_departure_and_paper_is_the_default(make_c
 
 
 def test_eq1_and_eq4_run_in_fp32_under_bf16_inputs_and_autocast():
-    alphas = torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float32)  # SD2's range of alpha_bar
+    schedule = DDPMSchedule(
+        torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float32)
+    )  # SD2's alpha_bar range
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
     noise = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([999, 999])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z_t = add_noise(z0, noise, t, alphas)
-        x0 = predict_x0(z_t, noise, t, alphas)
+        z_t = schedule.add_noise(z0, noise, t)
+        x0 = schedule.predict_x0(z_t, noise, t)
     assert z_t.dtype == x0.dtype == torch.float32
     # bf16 arithmetic would leave ~2e-2 rms here (1/sqrt(alpha_bar_999) ~ 15 magnifies its rounding)
     assert (x0 - z0.float()).pow(2).mean().sqrt() < 1e-5
-    double = add_noise(z0.double(), noise.double(), t, alphas)
+    double = schedule.add_noise(z0.double(), noise.double(), t)
     assert double.dtype == torch.float64
 
 
@@ -167,7 +170,9 @@ def official_loop(
         n = len(module.student_timesteps)
         graded = unroll.start + unroll.k - 1
         ta = module.ta[ta_step_index(graded, unroll.start, unroll.k, n, "official")]
-        loss_dis = (distillation_loss(x0, teacher_x0, teacher_t, module.alphas_cumprod) * ta).mean()
+        loss_dis = (
+            distillation_loss(x0, teacher_x0, module.noise_schedule.distillation_weight(teacher_t)) * ta
+        ).mean()
         loss = loss_dis + 0.02 * generator_loss(module.discriminator(x0, c, g_dev))
         (loss / accumulation_steps).backward()
         for p in discriminator:

@@ -5,10 +5,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from addsr_pl.core.sampler import add_noise, implied_noise, sample_student
+from addsr_pl.core.noise_schedule import DDPMSchedule
+from addsr_pl.core.sampler import sample_student
 from addsr_pl.inference.pipeline import AddSRPipeline
 
-ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+SCHEDULE = DDPMSchedule(
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+)
 
 
 def test_the_implied_noise_is_the_noise_that_made_z_t():
@@ -16,7 +19,7 @@ def test_the_implied_noise_is_the_noise_that_made_z_t():
     z0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
     t = torch.tensor([999, 500, 3])
     torch.testing.assert_close(
-        implied_noise(add_noise(z0, noise, t, ALPHAS), z0, t, ALPHAS), noise, atol=1e-4, rtol=0
+        SCHEDULE.implied_noise(SCHEDULE.add_noise(z0, noise, t), noise, t), noise, atol=1e-4, rtol=0
     )
 
 
@@ -26,9 +29,8 @@ def sample(pipeline, lr, noises, renoise):
         steps = sample_student(
             pipeline.denoiser, pipeline.codec, lr_up=lr_up, text_embeds=text_embeds,
             represent=pipeline.conditioner.represent, timesteps=timesteps, noises=noises,
-            alphas_cumprod=pipeline.alphas_cumprod, start_latent=pipeline.codec.encode(lr_up), psr=True,
-            psr_weight=1.0, first_representation=representation, prediction_type=pipeline.prediction_type,
-            renoise=renoise)  # fmt: skip
+            noise_schedule=pipeline.noise_schedule, start_latent=pipeline.codec.encode(lr_up), psr=True,
+            psr_weight=1.0, first_representation=representation, renoise=renoise)  # fmt: skip
     return steps
 
 
@@ -50,8 +52,10 @@ def test_ddim_uses_only_the_first_noise_and_fresh_uses_every_one(tiny_student, s
     assert not torch.equal(fresh_a[-1].x0_image, fresh_b[-1].x0_image)
     # step 2 of DDIM re-noises step 1's x0 with the noise step 1's z_t implies
     s1, s2 = ddim_a[0], ddim_a[1]
-    expected = add_noise(s1.x0_latent, implied_noise(s1.z_t, s1.x0_latent, s1.timestep, pipeline.alphas_cumprod), s2.timestep,
-                         pipeline.alphas_cumprod)  # fmt: skip
+    schedule = pipeline.noise_schedule
+    expected = schedule.add_noise(
+        s1.x0_latent, schedule.implied_noise(s1.z_t, s1.prediction, s1.timestep), s2.timestep
+    )
     torch.testing.assert_close(s2.z_t, expected.to(s2.z_t.dtype))
     with pytest.raises(ValueError, match="renoise = 'ancestral': must be one of fresh, ddim"):
         sample(pipeline, lr, [first, *a[:, None]], "ancestral")

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import Denoiser
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.speed import SpeedSettings, exported_defaults, signature, speed_settings
@@ -34,7 +35,7 @@ def tiny_pipeline(cache_dir, seesr: bool = True, psr_decoder: bool = False) -> A
         Denoiser(parts.unet, parts.controlnet).eval(),
         codec,
         Conditioner.from_config(parts.text_encoder, parts.tokenizer, parts.unet, conditioning).eval(),
-        parts.scheduler.alphas_cumprod.clone().float(),
+        noise_schedule_from(parts.scheduler, "student"),
         list(cfg.method.student_timesteps),
         psr=True,
         psr_weight=float(cfg.method.inference_psr_weight),

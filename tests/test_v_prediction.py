@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from addsr_pl.core.sampler import add_noise, predict_x0, prediction_target
+from addsr_pl.core.noise_schedule import DDPMSchedule
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.teacher import TeacherModule
 from addsr_pl.train import train
@@ -22,9 +22,10 @@ def test_x0_from_the_exact_target_is_the_clean_latent(prediction_type):
     gen = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
     t = torch.tensor([999, 749, 250, 1])
-    z_t = add_noise(z0, noise, t, ALPHAS)
-    target = prediction_target(z0, noise, t, ALPHAS, prediction_type)
-    torch.testing.assert_close(predict_x0(z_t, target, t, ALPHAS, prediction_type), z0, atol=2e-5, rtol=0)
+    schedule = DDPMSchedule(ALPHAS, prediction_type)
+    z_t = schedule.add_noise(z0, noise, t)
+    target = schedule.prediction_target(z0, noise, t)
+    torch.testing.assert_close(schedule.predict_x0(z_t, target, t), z0, atol=2e-5, rtol=0)
 
 
 def test_at_t999_v_does_not_magnify_the_prediction_error_as_epsilon_does():
@@ -32,7 +33,10 @@ def test_at_t999_v_does_not_magnify_the_prediction_error_as_epsilon_does():
     t = torch.tensor([999])
     a, s = ALPHAS[999].sqrt(), (1 - ALPHAS[999]).sqrt()
     moved = {
-        kind: (predict_x0(z_t, error, t, ALPHAS, kind) - predict_x0(z_t, 0 * error, t, ALPHAS, kind))
+        kind: (
+            DDPMSchedule(ALPHAS, kind).predict_x0(z_t, error, t)
+            - DDPMSchedule(ALPHAS, kind).predict_x0(z_t, 0 * error, t)
+        )
         .abs()
         .mean()
         for kind in ("epsilon", "v_prediction")
@@ -43,7 +47,7 @@ def test_at_t999_v_does_not_magnify_the_prediction_error_as_epsilon_does():
 
 def test_the_v_teacher_regresses_v_on_the_hr_latent(make_cfg, sample_pair):
     module = TeacherModule(**to_dicts(make_cfg(["stage=teacher", V])))
-    assert module.prediction_type == "v_prediction"
+    assert module.noise_schedule.prediction_type == "v_prediction"
     hr, lr = sample_pair
     seen = {}
     module.denoiser.unet.register_forward_hook(
@@ -53,7 +57,8 @@ def test_the_v_teacher_regresses_v_on_the_hr_latent(make_cfg, sample_pair):
     noise = torch.randn(1, 4, *module.latent_size(hr), generator=torch.Generator().manual_seed(0))
     loss = module.diffusion_loss(hr, lr, t, noise, torch.tensor([False]))
     z0 = module.codec.encode(hr)
-    a, s = module.alphas_cumprod[900].sqrt(), (1 - module.alphas_cumprod[900]).sqrt()
+    alphas = module.noise_schedule.alphas_cumprod
+    a, s = alphas[900].sqrt(), (1 - alphas[900]).sqrt()
     torch.testing.assert_close(loss, (seen["out"] - (a * noise - s * z0)).pow(2).mean().reshape(1))
 
 
@@ -62,10 +67,10 @@ def test_a_v_teacher_distils_into_a_v_student_whose_pipeline_uses_the_v_form(mak
     teacher = train(make_cfg(["stage=teacher", V, *FAST], sub="teacher"))["teacher"]
     student = train(make_cfg([V, *FAST, f"model.components.unet_path={teacher}",
                               f"model.components.controlnet_path={teacher}"], sub="student"))  # fmt: skip
-    assert student["module"].prediction_type == "v_prediction"
+    assert student["module"].noise_schedule.prediction_type == "v_prediction"
     pipeline = AddSRPipeline.from_folder(student["student"])
-    assert pipeline.prediction_type == "v_prediction"
+    assert pipeline.noise_schedule.prediction_type == "v_prediction"
     steps = pipeline.run(torch.rand(1, 3, 8, 8), steps=2, generator=torch.Generator().manual_seed(0))
     for step in steps:
-        a = pipeline.alphas_cumprod[step.timestep].reshape(-1, 1, 1, 1)
+        a = pipeline.noise_schedule.alphas_cumprod[step.timestep].reshape(-1, 1, 1, 1)
         torch.testing.assert_close(step.x0_latent, a.sqrt() * step.z_t - (1 - a).sqrt() * step.prediction)

@@ -220,12 +220,11 @@ def teacher_pipelines(
             denoiser,
             student.codec,
             student.conditioner,
-            student.alphas_cumprod,
+            student.noise_schedule,
             torch.linspace(999, 0, steps + 1)[:-1].round().long().tolist(),
             psr=False,
             psr_weight=0.0,
             scale=student.scale,
-            prediction_type=student.prediction_type,
             renoise=renoise,
         )  # fmt: skip
         for steps in step_counts

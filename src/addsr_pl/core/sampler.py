@@ -12,85 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from addsr_pl.core.noise_schedule import NoiseSchedule
 from addsr_pl.models.conditioning import Conditioning, Representer
 
-
-def _per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """values[t] shaped to broadcast over a [B, ...] tensor of `ndim` dimensions."""
-    return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
-
-
-def _exact_dtype(x: Tensor) -> torch.dtype:
-    """At least fp32: Eq. 4 divides by sqrt(alpha_bar_999) ~ 0.068, which magnifies bf16 rounding ~15x."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Eq. 1: z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps, with a timestep per sample, in fp32
-    (or wider) whatever the inputs' dtype or autocast."""
-    dtype = _exact_dtype(z0)
-    alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(dtype)
-    return alpha_bar.sqrt() * z0.to(dtype) + (1 - alpha_bar).sqrt() * noise.to(dtype)
-
-
-# What the UNet predicts (the scheduler config's `prediction_type`, diffusers' three): SD2-base predicts
-# the noise, SD2-768 (and models trained that way) the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0,
-# and a `sample` model x0 itself.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def predict_x0(
-    z_t: Tensor, prediction: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str = "epsilon"
-) -> Tensor:
-    """x0 from the UNet's prediction, with a timestep per sample, in fp32 (or wider) whatever the inputs'
-    dtype or autocast. Epsilon: Eq. 4, x0 = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t). v:
-    x0 = sqrt(alpha_bar_t) z_t - sqrt(1 - alpha_bar_t) v, which does not divide the prediction's error by
-    sqrt(alpha_bar_t) (about 0.07 at t = 999). Sample: the prediction is x0."""
-    dtype = _exact_dtype(z_t)
-    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
-    z_t, prediction = z_t.to(dtype), prediction.to(dtype)
-    if prediction_type == "sample":
-        return prediction
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * z_t - (1 - alpha_bar).sqrt() * prediction
-    return (z_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-
-
-def prediction_target(
-    z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str = "epsilon"
-) -> Tensor:
-    """What the UNet should predict for z_t = add_noise(z0, noise, t): the noise (Eq. 2), v or x0, in fp32."""
-    dtype = _exact_dtype(z0)
-    if prediction_type == "sample":
-        return z0.to(dtype)
-    if prediction_type == "v_prediction":
-        alpha_bar = _per_sample(alphas_cumprod, t, z0.ndim).to(dtype)
-        return alpha_bar.sqrt() * noise.to(dtype) - (1 - alpha_bar).sqrt() * z0.to(dtype)
-    return noise.to(dtype)
-
-
-def require_supported_prediction(scheduler, stage: str) -> str:
-    """The scheduler's prediction type when the maths here covers it (epsilon, v or x0); a clear error if not."""
-    prediction = scheduler.config.prediction_type
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(
-            f"The {stage} stage needs an epsilon-, v- or sample-prediction model, but the scheduler's prediction_type "
-            f"is {prediction!r}. Set model.components.scheduler.prediction_type to what the UNet was trained "
-            f"for: one of {', '.join(PREDICTION_TYPES)}."
-        )
-    return prediction
-
-
+# How steps after the first noise their base latent (`sample_student`'s `renoise`).
 RENOISE = ("fresh", "ddim")
-
-
-def implied_noise(z_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """The noise that takes x0 to z_t at t: (z_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), in fp32."""
-    dtype = _exact_dtype(z_t)
-    alpha_bar = _per_sample(alphas_cumprod, t, z_t.ndim).to(dtype)
-    return (z_t.to(dtype) - alpha_bar.sqrt() * x0.to(dtype)) / (1 - alpha_bar).sqrt()
-
-
 # How the LR becomes the first control: torch's float bicubic (`upscale`) or the official script's 8-bit PIL
 # pipeline (`inference.upscaler.pil_upscale`).
 LR_RESIZES = ("torch", "pil")
@@ -111,7 +37,8 @@ def psr_control(x0_image: Tensor, lr_up: Tensor, psr_weight: float) -> Tensor:
 
 
 class Denoiser(nn.Module):
-    """UNet + ControlNet predicting epsilon (or v) from (z_t, t, control image in [0, 1], conditioning).
+    """UNet + ControlNet predicting epsilon (or v, x0) from (z_t, t, control image in [0, 1], conditioning);
+    t is the network's timestep (`NoiseSchedule.model_timestep`).
 
     SeeSR-style models (config flag `use_image_cross_attention`) also receive the representation
     as `image_encoder_hidden_states`.
@@ -154,11 +81,11 @@ class StudentStep:
     """One student step: what went in (z_t, t, control image) and what came out (the UNet's
     prediction, x0)."""
 
-    timestep: Tensor  # [B]
+    timestep: Tensor  # [B], the schedule's
     control_image: Tensor  # [B, 3, H, W] in [0, 1]: what the ControlNet saw
     z_t: Tensor
-    prediction: Tensor  # eps, v or x0, as the model's prediction_type says
-    x0_latent: Tensor  # Eq. 4 (or its v form)
+    prediction: Tensor  # eps, v, x0 or the flow velocity, as the schedule's prediction_type says
+    x0_latent: Tensor  # Eq. 4 (or its v, flow form)
     x0_image: Tensor | None  # decoded and clamped to [0, 1]; None where nothing needed it
 
 
@@ -171,7 +98,7 @@ def sample_student(
     represent: Representer,
     timesteps: Tensor,
     noises: list[Tensor],
-    alphas_cumprod: Tensor,
+    noise_schedule: NoiseSchedule,
     start_latent: Tensor,
     psr: bool,
     psr_weight: float,
@@ -180,7 +107,6 @@ def sample_student(
     decode_last: bool = True,
     first_representation: Tensor | None = None,
     psr_decoder=None,
-    prediction_type: str = "epsilon",
     renoise: str = "fresh",
 ) -> list[StudentStep]:
     """Run len(timesteps) student steps.
@@ -188,7 +114,7 @@ def sample_student(
     Args:
         lr_up: the LR image upscaled to the output size, in [0, 1]; the control image of step 1, and of
             every step when `psr` is off.
-        timesteps: [k] (shared) or [B, k] (per sample), strictly decreasing along k.
+        timesteps: [k] (shared) or [B, k] (per sample), the schedule's, strictly decreasing along k.
         noises: k noise tensors shaped like the latent: step 1 noises `start_latent`, step i > 1
             re-noises its base latent (see `reference_latent`).
         start_latent: the latent noised for step 1 (the encoded upscaled LR at inference; the encoded
@@ -206,10 +132,11 @@ def sample_student(
         psr_decoder: what decodes the intermediate x0s that only feed the next step's control image
             (anything with `decode(latents) -> [0, 1] image`, e.g. a small distilled decoder); None:
             `codec`. The last step's image always comes from `codec`.
-        prediction_type: what the denoiser predicts, `epsilon`, `v_prediction` or `sample` (`predict_x0`).
+        noise_schedule: how latents are noised and x0 predicted (`core.noise_schedule`): it knows what
+            the denoiser predicts and which timestep it is fed.
         renoise: how step i > 1 noises its base latent. `fresh` (ADD's sampler, the student's): with
-            `noises[i]`. `ddim`: with the noise the previous step's prediction implies,
-            (z_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t), which makes the steps DDIM's
+            `noises[i]`. `ddim`: with the noise the previous step's prediction implies
+            (`NoiseSchedule.implied_noise`), which makes the steps DDIM's
             deterministic (eta = 0) sampler, the usual way to sample a diffusion teacher with many steps;
             `noises[i]` for i > 0 are then unused.
     """
@@ -224,7 +151,7 @@ def sample_student(
         raise ValueError(f"sample_student needs one noise tensor per step: got {len(noises)} for {k} steps")
 
     steps: list[StudentStep] = []
-    z_t = add_noise(start_latent, noises[0], timesteps[:, 0], alphas_cumprod)
+    z_t = noise_schedule.add_noise(start_latent, noises[0], timesteps[:, 0])
     control = lr_up
     for i in range(k):
         last = i == k - 1
@@ -234,8 +161,8 @@ def sample_student(
             conditioning = Conditioning(
                 text_embeds, represent(control) if representation is None else representation
             )
-            prediction = denoiser(z_t, t, control, conditioning)
-            x0_latent = predict_x0(z_t, prediction, t, alphas_cumprod, prediction_type)
+            prediction = denoiser(z_t, noise_schedule.model_timestep(t), control, conditioning)
+            x0_latent = noise_schedule.predict_x0(z_t, prediction, t)
             decoder = codec if last or psr_decoder is None else psr_decoder
             needs_image = (psr and not last) or (last and decode_last)
             x0_image = decoder.decode(x0_latent).clamp(0, 1) if needs_image else None
@@ -245,6 +172,6 @@ def sample_student(
         if psr:
             control = psr_control(x0_image, lr_up, psr_weight)
         base = x0_latent if reference_latent is None else reference_latent
-        noise = noises[i + 1] if renoise == "fresh" else implied_noise(z_t, x0_latent, t, alphas_cumprod)
-        z_t = add_noise(base, noise.detach(), timesteps[:, i + 1], alphas_cumprod)
+        noise = noises[i + 1] if renoise == "fresh" else noise_schedule.implied_noise(z_t, prediction, t)
+        z_t = noise_schedule.add_noise(base, noise.detach(), timesteps[:, i + 1])
     return steps

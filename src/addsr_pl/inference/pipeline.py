@@ -10,15 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from addsr_pl.core.sampler import (
-    NOISE_DRAWS,
-    START_LATENTS,
-    Denoiser,
-    StudentStep,
-    require_supported_prediction,
-    sample_student,
-    upscale,
-)
+from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
+from addsr_pl.core.sampler import NOISE_DRAWS, START_LATENTS, Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.core.student_format import StudentFolderError
 from addsr_pl.inference.speed import (
     SamplerGraphs,
@@ -46,13 +39,14 @@ class AddSRPipeline:
     """LR images in [0, 1] -> SR images in [0, 1], by the student sampler (`sample_student`).
 
     Args:
-        student_timesteps: the student's timesteps; `steps=N` runs the first N of them.
+        noise_schedule: the model's noise schedule (`core.noise_schedule`, from its scheduler): how latents
+            are noised, x0 predicted, and which timestep the network is fed.
+        student_timesteps: the student's timesteps (the schedule's); `steps=N` runs the first N of them.
         psr, psr_weight: prediction-based self-refinement and its blend with the LR.
         scale: the output size over the input size.
         psr_decoder: a small decoder for the intermediate x0s that only feed the next step's control
             image (`models.psr_decoder`); None decodes them with the VAE.
         speed_defaults: the speed settings this student was exported with (`SpeedSettings` keys).
-        prediction_type: what the UNet predicts, `epsilon`, `v_prediction` or `sample` (its scheduler's config).
         renoise: how steps after the first are noised (`sample_student`): `fresh` noise, as the AddSR
             student samples, or `ddim`, the deterministic sampler for a diffusion teacher's many steps.
 
@@ -66,20 +60,19 @@ class AddSRPipeline:
         denoiser: Denoiser,
         codec: VaeCodec,
         conditioner: Conditioner,
-        alphas_cumprod: Tensor,
-        student_timesteps: list[int],
+        noise_schedule: NoiseSchedule,
+        student_timesteps: list,
         psr: bool,
         psr_weight: float,
         scale: int,
         psr_decoder: torch.nn.Module | None = None,
         speed_defaults: dict | None = None,
-        prediction_type: str = "epsilon",
         renoise: str = "fresh",
     ):
         self.denoiser = denoiser
         self.codec = codec
         self.conditioner = conditioner
-        self.alphas_cumprod = alphas_cumprod
+        self.noise_schedule = noise_schedule
         self.student_timesteps = list(student_timesteps)
         self.psr = psr
         self.psr_weight = psr_weight
@@ -91,7 +84,6 @@ class AddSRPipeline:
         self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
         self.psr_decoder = psr_decoder
         self.speed_defaults = speed_defaults
-        self.prediction_type = prediction_type
         self.renoise = renoise
         self.speed: SpeedSettings | None = None  # set by `with_speed`; None: plain eager
         self._compiled = None
@@ -142,20 +134,16 @@ class AddSRPipeline:
             )
         return tiled
 
-    def timesteps(self, steps: int | list[int] | None) -> list[int]:
+    def timesteps(self, steps: int | list | None) -> list:
         if steps is None:
             return self.student_timesteps
         if isinstance(steps, int):
             if not 1 <= steps <= len(self.student_timesteps):
                 raise ValueError(f"steps = {steps}: must be between 1 and {len(self.student_timesteps)}")
             return self.student_timesteps[:steps]
-        steps = [int(t) for t in steps]
-        if any(a <= b for a, b in zip(steps, steps[1:])) or not all(
-            0 <= t < len(self.alphas_cumprod) for t in steps
-        ):
-            raise ValueError(
-                f"timesteps {steps}: must be strictly decreasing and in [0, {len(self.alphas_cumprod)})"
-            )
+        # the schedule's kind of timestep: DDPM int, rectified-flow float
+        steps = [type(self.student_timesteps[0])(t) for t in steps]
+        self.noise_schedule.check_timesteps(steps)
         return steps
 
     def _inputs(
@@ -267,7 +255,7 @@ class AddSRPipeline:
             represent=self.conditioner.represent,
             timesteps=timesteps,
             noises=[n.to(dtype) for n in noises],
-            alphas_cumprod=self.alphas_cumprod,
+            noise_schedule=self.noise_schedule,
             start_latent=self.codec.encode(lr_up)
             if posterior_noise is None
             else self.codec.encode(lr_up, posterior_noise),
@@ -275,7 +263,6 @@ class AddSRPipeline:
             psr_weight=psr_weight,
             first_representation=representation,
             psr_decoder=self._decoder(psr_decoder),
-            prediction_type=self.prediction_type,
             renoise=self.renoise,
         )
 
@@ -368,7 +355,7 @@ class AddSRPipeline:
         modules = [self.denoiser, self.codec, self.conditioner]
         for module in modules + ([self.psr_decoder] if self.psr_decoder is not None else []):
             module.to(device=device, dtype=dtype)
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        self.noise_schedule.to(device)
         return self
 
     def compiled_modules(self) -> list[torch.nn.Module]:
@@ -434,15 +421,15 @@ class AddSRPipeline:
         parts = {name: load_component(name, *where) for name, where in located.items()}
         sampler = manifest["sampler"]
         try:
-            prediction_type = require_supported_prediction(parts["scheduler"], "student")
+            noise_schedule = noise_schedule_from(parts["scheduler"], "student")
         except ValueError as error:
             raise StudentFolderError(f"{manifest_file}: {error}") from None
-        alphas_cumprod = parts["scheduler"].alphas_cumprod.clone().float()
-        if sampler["student_timesteps"][0] >= len(alphas_cumprod):
+        try:
+            noise_schedule.check_timesteps(sampler["student_timesteps"])
+        except ValueError as error:
             raise StudentFolderError(
-                f"{manifest_file}: sampler.student_timesteps = {sampler['student_timesteps']}: the scheduler "
-                f"has {len(alphas_cumprod)} timesteps; re-export the student"
-            )
+                f"{manifest_file}: sampler.student_timesteps: {error} for its scheduler; re-export the student"
+            ) from None
         psr_decoder = None
         if "psr_decoder" in parts:
             from addsr_pl.models.psr_decoder import PsrDecoder
@@ -466,13 +453,12 @@ class AddSRPipeline:
             Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
             VaeCodec(parts["vae"]).eval(),
             conditioner,
-            alphas_cumprod,
+            noise_schedule,
             sampler["student_timesteps"],
             sampler["psr"],
             sampler["psr_weight"],
             manifest["scale"],
             psr_decoder=psr_decoder,
             speed_defaults=manifest.get("speed"),
-            prediction_type=prediction_type,
         )
         return pipeline.to(device, dtype)

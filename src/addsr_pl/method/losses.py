@@ -51,21 +51,19 @@ def ta_step_index(graded: Tensor, start: Tensor, k: int, n_steps: int, indexing:
     raise ValueError(f"method.ta_indexing = {indexing!r}: must be one of {TA_INDEXING}")
 
 
-def distillation_loss(
-    student_x0: Tensor, teacher_x0: Tensor, teacher_t: Tensor, alphas_cumprod: Tensor
-) -> Tensor:
+def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, c_t: Tensor) -> Tensor:
     """Per-sample distillation loss, [B].
 
     student_x0: [B, ...]; teacher_x0: [B * n, ...] (n teacher timesteps per sample, sample-major);
-    each squared error is averaged over its elements, weighted by c(t) = sqrt(alpha_bar_t) of the
-    teacher timestep, then averaged over the n timesteps.
+    c_t: [B * n], the weight c(t) of each teacher timestep (`NoiseSchedule.distillation_weight`: DDPM
+    sqrt(alpha_bar_t)); each squared error is averaged over its elements, weighted by its c(t), then
+    averaged over the n timesteps.
     """
     b = student_x0.shape[0]
     n = teacher_x0.shape[0] // b
     student = student_x0.float().repeat_interleave(n, dim=0)
     err = F.mse_loss(student, teacher_x0.float().detach(), reduction="none").flatten(1).mean(1)
-    c_t = alphas_cumprod.to(err.device)[teacher_t].float().sqrt()
-    return (c_t * err).view(b, n).mean(1)
+    return (c_t.to(err.device) * err).view(b, n).mean(1)
 
 
 def generator_loss(fake_logits: Tensor) -> Tensor:

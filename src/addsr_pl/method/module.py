@@ -12,15 +12,8 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from addsr_pl.core.sampler import (
-    Denoiser,
-    StudentStep,
-    add_noise,
-    predict_x0,
-    require_supported_prediction,
-    sample_student,
-    upscale,
-)
+from addsr_pl.core.noise_schedule import noise_schedule_from
+from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
@@ -106,12 +99,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
-        self.prediction_type = require_supported_prediction(components.scheduler, "AddSR")
+        self.noise_schedule = noise_schedule_from(components.scheduler, "AddSR")
         self.scheduler = components.scheduler
         self.component_sources = components.sources
-        self.register_buffer(
-            "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
         self.register_buffer("student_timesteps", torch.tensor(method["student_timesteps"]), persistent=False)
         self.codec = VaeCodec(components.vae)
         self.conditioner = Conditioner.from_config(
@@ -231,14 +221,13 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             represent=self.conditioner.represent,
             timesteps=timesteps,
             noises=noises,
-            alphas_cumprod=self.alphas_cumprod,
+            noise_schedule=self.noise_schedule,
             start_latent=start_latent,
             psr=m["psr"],
             psr_weight=m["psr_weight"],
             reference_latent=hr_latent if m["unroll_renoise"] == "hr" else None,
             grad_last=True,
             decode_last=True,
-            prediction_type=self.prediction_type,
         )
         return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank, start)
 
@@ -256,8 +245,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         b = x0.shape[0]
         low, high = m["teacher_timestep_range"]
         t = torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
-        z_t = add_noise(
-            x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t, self.alphas_cumprod
+        z_t = self.noise_schedule.add_noise(
+            x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t
         )
         image = {"hr": hr, "lr": unroll.lr_up}
         control = image[m["teacher_control_image"] or m["teacher_condition"]]
@@ -269,8 +258,10 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             else unroll.text_embeds
         )
         conditioning = Conditioning(text, self.conditioner.represent(prompt_source)).repeat(n)
-        prediction = self.teacher(z_t, t, control.repeat_interleave(n, 0), conditioning)
-        x0_teacher = predict_x0(z_t, prediction, t, self.alphas_cumprod, self.prediction_type)
+        prediction = self.teacher(
+            z_t, self.noise_schedule.model_timestep(t), control.repeat_interleave(n, 0), conditioning
+        )
+        x0_teacher = self.noise_schedule.predict_x0(z_t, prediction, t)
         if m["distill_space"] == "pixel":
             chunk = m["memory"]["teacher_decode_chunk"]
             x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)
@@ -289,7 +280,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         teacher_x0, teacher_t = targets
         with self.toggled_optimizer(opt_g):
             student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
-            per_sample = distillation_loss(student_x0, teacher_x0, teacher_t, self.alphas_cumprod)
+            c_t = self.noise_schedule.distillation_weight(teacher_t)
+            per_sample = distillation_loss(student_x0, teacher_x0, c_t)
             loss_dis = (per_sample * self.ta[ta_index]).mean()
             loss_dis = self.nonfinite.inject(loss_dis, self)
             loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
@@ -446,7 +438,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.student,
             self.codec,
             self.conditioner,
-            self.alphas_cumprod,
+            self.noise_schedule,
             m["student_timesteps"],
             m["psr"],
             m["inference_psr_weight"],

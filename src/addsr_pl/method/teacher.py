@@ -25,13 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from addsr_pl.config import ConfigError, _choice, validate_weights
-from addsr_pl.core.sampler import (
-    Denoiser,
-    add_noise,
-    prediction_target,
-    require_supported_prediction,
-    upscale,
-)
+from addsr_pl.core.noise_schedule import noise_schedule_from
+from addsr_pl.core.sampler import Denoiser, upscale
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
@@ -77,10 +72,7 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             components = instantiate(model["components"], _convert_="all")
-        self.prediction_type = require_supported_prediction(components.scheduler, "teacher")
-        self.register_buffer(
-            "alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
+        self.noise_schedule = noise_schedule_from(components.scheduler, "teacher")
         self.codec = VaeCodec(components.vae)
         self.conditioner = Conditioner.from_config(
             components.text_encoder, components.tokenizer, components.unet, conditioning
@@ -141,12 +133,12 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
             lr_up = w * hr.to(lr_up.dtype) + (1 - w) * lr_up
         with torch.no_grad():
             z0 = self.codec.encode(hr)
-        z_t = add_noise(z0, noise.to(z0.dtype), t, self.alphas_cumprod)  # Eq. 1
+        z_t = self.noise_schedule.add_noise(z0, noise.to(z0.dtype), t)  # Eq. 1
         conditioning = Conditioning(
             self.conditioner.text_embeds(lr_up, blank), self.conditioner.represent(lr_up)
         )
-        prediction = self.denoiser(z_t, t, lr_up, conditioning)
-        target = prediction_target(z0, noise, t, self.alphas_cumprod, self.prediction_type)
+        prediction = self.denoiser(z_t, self.noise_schedule.model_timestep(t), lr_up, conditioning)
+        target = self.noise_schedule.prediction_target(z0, noise, t)
         return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
