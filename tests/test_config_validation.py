@@ -63,3 +63,30 @@ def test_missing_ram_folder_is_named(make_cfg, tmp_path):
     (tmp_path / "seesr").mkdir()
     with pytest.raises(ConfigError, match=r"conditioning.tagger.folder = '.*/ram': no such file"):
         validate(cfg)
+
+
+def test_config_imports_what_it_checks_and_nothing_it_checks_imports_config():
+    """config.py validates every stage and imports their choices at module level; no module of the method
+    imports config back, so there is no import circle to hide in a function-local import."""
+    import ast
+    from pathlib import Path
+
+    import addsr_pl
+
+    package = Path(addsr_pl.__file__).parent
+    tree = ast.parse((package / "config.py").read_text())
+    local = [
+        node.module
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("addsr_pl")
+    ]
+    assert local == [], f"config.py imports {local} inside functions"
+    back = [
+        path.name
+        for path in sorted((package / "method").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "addsr_pl.config"
+    ]
+    assert back == [], f"method/{back} import addsr_pl.config"

@@ -6,9 +6,9 @@ import torch
 from diffusers import ControlNetModel
 from torch import nn
 
-from addsr_pl.config import ConfigError, validate
+from addsr_pl.config import ConfigError, validate, validate_teacher
 from addsr_pl.core.sampler import upscale
-from addsr_pl.method.teacher import TeacherModule, select_teacher_trainable, validate_teacher
+from addsr_pl.method.teacher import TeacherModule, select_teacher_trainable
 from addsr_pl.train import train
 
 from conftest import compose_train, to_dicts

@@ -9,9 +9,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from addsr_pl.core.sampler import LR_RESIZES, NOISE_DRAWS, START_LATENTS
+from addsr_pl.core.student_format import MANIFEST
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
-from addsr_pl.models.conditioning import PROMPT_JOINS, PROMPT_SOURCES, TAGGER_INPUTS
+from addsr_pl.method.psr_decoder import LOSSES
+from addsr_pl.models.conditioning import (
+    PROMPT_JOINS,
+    PROMPT_SOURCES,
+    TAGGER_INPUTS,
+    TAGGER_TARGETS,
+    tagger_kind,
+)
 from addsr_pl.models.trainable import TRAINABLE_SETS
 
 
@@ -126,13 +134,9 @@ def validate(cfg: DictConfig) -> None:
     """Check the parts of a training config that would otherwise fail minutes (or hours) in."""
     validate_types(cfg)
     if cfg.stage == "teacher":
-        from addsr_pl.method.teacher import validate_teacher  # the teacher stage's own method keys
-
         validate_teacher(cfg)
         return
     if cfg.stage == "psr_decoder":
-        from addsr_pl.method.psr_decoder import validate_psr_decoder  # the stage's own method keys
-
         validate_psr_decoder(cfg)
         return
     if cfg.stage != "addsr":
@@ -150,6 +154,69 @@ def validate(cfg: DictConfig) -> None:
     validate_weights(
         (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
     )
+
+
+def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
+    """Start-up checks of a teacher-stage config, naming key, value and what is allowed."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    required = (
+        "unet_trainable_modules",
+        "train_whole_unet",
+        "timestep_range",
+        "null_text_ratio",
+        "control_hr_blend",
+        "optimizer",
+        "val_timesteps",
+    )
+    missing = [k for k in required if k not in method]
+    if missing:
+        raise ConfigError(
+            f"stage=teacher needs the teacher's method settings (missing method.{missing[0]}): "
+            "select them with `method=teacher` or use `stage=teacher`, which does."
+        )
+    low, high = method["timestep_range"]
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ConfigError(
+            f"method.timestep_range = {[low, high]}: needs 0 <= low < high <= {num_train_timesteps}"
+        )
+    if not all(0 <= t < num_train_timesteps for t in method["val_timesteps"]):
+        raise ConfigError(
+            f"method.val_timesteps = {method['val_timesteps']!r}: every timestep must lie in [0, {num_train_timesteps})"
+        )
+    if not 0.0 <= float(method["null_text_ratio"]) <= 1.0:
+        raise ConfigError(f"method.null_text_ratio = {method['null_text_ratio']!r}: must lie in [0, 1]")
+    if method["ema_decay"] is not None and not 0.0 < float(method["ema_decay"]) < 1.0:
+        raise ConfigError(
+            f"method.ema_decay = {method['ema_decay']!r}: must lie in (0, 1), or null for no EMA"
+        )
+    if int(method["accumulate_grad_batches"]) < 1:
+        raise ConfigError(
+            f"method.accumulate_grad_batches = {method['accumulate_grad_batches']!r}: must be at least 1"
+        )
+    conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
+    _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
+    validate_weights(
+        (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
+    )
+
+
+def validate_psr_decoder(cfg: DictConfig) -> None:
+    """Start-up checks of a psr_decoder-stage config, naming key, value and what is allowed."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if "architecture" not in method:
+        raise ConfigError(
+            "stage=psr_decoder needs its method settings (missing method.architecture): select them with "
+            "`method=psr_decoder` or use `stage=psr_decoder`, which does."
+        )
+    if method["loss"] not in LOSSES:
+        raise ConfigError(f"method.loss = {method['loss']!r}: must be one of {list(LOSSES)}")
+    for key in ("channels", "blocks_per_stage"):
+        if int(method["architecture"][key]) < 1:
+            raise ConfigError(f"method.architecture.{key} = {method['architecture'][key]}: must be >= 1")
+    student = cfg.get("student_dir")
+    if student and not (Path(student).expanduser() / MANIFEST).is_file():
+        raise ConfigError(f"student_dir = {student!r}: no {MANIFEST} there; point it at an exported student")
+    validate_weights((OmegaConf.to_container(cfg.model, resolve=True), "model"))
 
 
 # ---------------------------------------------------------------------------------------- typed schema
@@ -372,8 +439,6 @@ class TaggerSpec(Group):
         self.kinds = kinds
 
     def check(self, value, key):
-        from addsr_pl.models.conditioning import TAGGER_TARGETS, tagger_kind
-
         if value is None:
             return None
         if not isinstance(value, dict):

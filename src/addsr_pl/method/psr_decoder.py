@@ -23,10 +23,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from addsr_pl.config import ConfigError, validate_weights
 from addsr_pl.core.sampler import upscale
 from addsr_pl.core.student_format import MANIFEST, class_name
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
@@ -128,22 +126,3 @@ def export_psr_decoder(module: PsrDecoderModule, out_dir: str | Path, student_di
         manifest["components"][PSR_DECODER] = {"class": class_name(autoencoder), "path": PSR_DECODER}
         manifest_file.write_text(json.dumps(manifest, indent=2))
     return folder
-
-
-def validate_psr_decoder(cfg: DictConfig) -> None:
-    """Start-up checks of a psr_decoder-stage config, naming key, value and what is allowed."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    if "architecture" not in method:
-        raise ConfigError(
-            "stage=psr_decoder needs its method settings (missing method.architecture): select them with "
-            "`method=psr_decoder` or use `stage=psr_decoder`, which does."
-        )
-    if method["loss"] not in LOSSES:
-        raise ConfigError(f"method.loss = {method['loss']!r}: must be one of {list(LOSSES)}")
-    for key in ("channels", "blocks_per_stage"):
-        if int(method["architecture"][key]) < 1:
-            raise ConfigError(f"method.architecture.{key} = {method['architecture'][key]}: must be >= 1")
-    student = cfg.get("student_dir")
-    if student and not (Path(student).expanduser() / MANIFEST).is_file():
-        raise ConfigError(f"student_dir = {student!r}: no {MANIFEST} there; point it at an exported student")
-    validate_weights((OmegaConf.to_container(cfg.model, resolve=True), "model"))

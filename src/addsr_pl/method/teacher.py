@@ -21,16 +21,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from addsr_pl.config import ConfigError, _choice, validate_weights
 from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import Denoiser, upscale
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.module import PRECISION_DTYPES, mix_seed
-from addsr_pl.models.conditioning import PROMPT_SOURCES, Conditioner, Conditioning
+from addsr_pl.models.conditioning import Conditioner, Conditioning
 from addsr_pl.models.vae import VaeCodec
 
 TEACHER_PARTS = ("unet", "controlnet")
@@ -250,47 +248,3 @@ def export_teacher(module: TeacherModule, out_dir: str | Path) -> Path:
                 out / name, safe_serialization=True
             )
     return out
-
-
-def validate_teacher(cfg: DictConfig, num_train_timesteps: int = 1000) -> None:
-    """Start-up checks of a teacher-stage config, naming key, value and what is allowed."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    required = (
-        "unet_trainable_modules",
-        "train_whole_unet",
-        "timestep_range",
-        "null_text_ratio",
-        "control_hr_blend",
-        "optimizer",
-        "val_timesteps",
-    )
-    missing = [k for k in required if k not in method]
-    if missing:
-        raise ConfigError(
-            f"stage=teacher needs the teacher's method settings (missing method.{missing[0]}): "
-            "select them with `method=teacher` or use `stage=teacher`, which does."
-        )
-    low, high = method["timestep_range"]
-    if not 0 <= low < high <= num_train_timesteps:
-        raise ConfigError(
-            f"method.timestep_range = {[low, high]}: needs 0 <= low < high <= {num_train_timesteps}"
-        )
-    if not all(0 <= t < num_train_timesteps for t in method["val_timesteps"]):
-        raise ConfigError(
-            f"method.val_timesteps = {method['val_timesteps']!r}: every timestep must lie in [0, {num_train_timesteps})"
-        )
-    if not 0.0 <= float(method["null_text_ratio"]) <= 1.0:
-        raise ConfigError(f"method.null_text_ratio = {method['null_text_ratio']!r}: must lie in [0, 1]")
-    if method["ema_decay"] is not None and not 0.0 < float(method["ema_decay"]) < 1.0:
-        raise ConfigError(
-            f"method.ema_decay = {method['ema_decay']!r}: must lie in (0, 1), or null for no EMA"
-        )
-    if int(method["accumulate_grad_batches"]) < 1:
-        raise ConfigError(
-            f"method.accumulate_grad_batches = {method['accumulate_grad_batches']!r}: must be at least 1"
-        )
-    conditioning = OmegaConf.to_container(cfg.conditioning, resolve=True)
-    _choice(conditioning, "conditioning", "prompt", PROMPT_SOURCES)
-    validate_weights(
-        (OmegaConf.to_container(cfg.model, resolve=True), "model"), (conditioning, "conditioning")
-    )
