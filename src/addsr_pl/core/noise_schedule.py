@@ -233,13 +233,14 @@ class RectifiedFlowSchedule(NoiseSchedule):
             raise ValueError(f"timesteps {timesteps}: must be strictly decreasing noise levels in (0, 1)")
 
 
-def noise_schedule_from(scheduler, stage: str, reference=None, shift: float | None = None) -> NoiseSchedule:
+def noise_schedule_from(scheduler, stage: str, reference=None, shift: float = 1.0) -> NoiseSchedule:
     """The schedule of a diffusers scheduler: DDPMScheduler / DDIMScheduler -> `DDPMSchedule`,
     FlowMatchEulerDiscreteScheduler -> `RectifiedFlowSchedule`; a one-line ValueError for anything else.
 
     reference: the DDPM scheduler whose student timesteps a flow schedule maps (SD2's); shift: the flow
-    schedule's pinned time shift (None: the scheduler's own, which a resolution-dependent (dynamic)
-    shift, FLUX's, does not have).
+    schedule's time shift of those equal-SNR sigmas (1: none). It is never the scheduler's own: SD3's
+    static shift (3.0) would move the student's noise levels off equal SNR, and FLUX's depends on the image
+    size, which the student's timesteps must not.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -259,16 +260,7 @@ def noise_schedule_from(scheduler, stage: str, reference=None, shift: float | No
                 f"The {stage} stage's rectified-flow schedule needs the DDPM scheduler whose student "
                 "timesteps it maps by equal SNR (reference=): give SD2's"
             )
-        if shift is None and scheduler.config.use_dynamic_shifting:
-            raise ValueError(
-                f"The {stage} stage's {name} shifts sigma by image resolution (use_dynamic_shifting): pin a "
-                "shift (shift=) so that the student's timesteps do not depend on the image size"
-            )
-        return RectifiedFlowSchedule(
-            reference.alphas_cumprod,
-            scheduler.config.shift if shift is None else shift,
-            scheduler.config.num_train_timesteps,
-        )
+        return RectifiedFlowSchedule(reference.alphas_cumprod, shift, scheduler.config.num_train_timesteps)
     raise ValueError(
         f"The {stage} stage cannot use a {name}: the noise schedules here are DDPMScheduler or DDIMScheduler "
         "(DDPM) and FlowMatchEulerDiscreteScheduler (rectified flow)"
