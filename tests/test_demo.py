@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from addsr_pl.demo import (
@@ -118,6 +119,10 @@ def test_the_distillation_check_fails_a_student_no_better_than_its_teacher_at_th
     noisy = judge(summary_with({"1": 0.58, "2": 0.49}, few, {"1": 0.02, "2": 0.05}), checks)
     assert not noisy["distillation"]["passed"]
     assert noisy["distillation"]["margin"]["2"] == pytest.approx(0.04)
+    # a margin of as many glyphs as the floor is a tie, whichever way float32 rounding tips it
+    nine_of_421 = float(torch.tensor(9.0) / 421)
+    tied = judge(summary_with({"1": 0.40 + nine_of_421 + 1e-8}, {"1": 0.40}, {"1": nine_of_421}), checks)
+    assert not tied["distillation"]["passed"]
     lines = checks_text(noisy).splitlines()
     assert len(lines) == 4 and lines[0].startswith("- distillation: NO: the student beats the teacher")
     assert "margin {1: 0.180, 2: 0.040}; noise_floor {1: 0.020, 2: 0.050}" in lines[0]
