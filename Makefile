@@ -47,7 +47,7 @@ format: install ## apply ruff's fixes and formatting
 demo: install ## the main job on its embedded default: tiny AddSR student distilled from the committed tiny teacher on rendered text pages (CPU), then outputs/demo/report.html
 	$(PY) -m addsr_pl.demo
 
-demo-teacher: install ## retrain the demo's committed tiny teacher (assets/demo_teacher, about 35 minutes on 2 cores)
+demo-teacher: install ## retrain the demo's committed tiny teacher (assets/demo_teacher, about 40 minutes on 2 cores)
 	$(PY) -m addsr_pl.demo make_teacher=true output_dir=outputs/demo_teacher
 
 # What bench/gpu_check.sh needs beyond what the GPU machines have (torch, timm, transformers, lightning),
