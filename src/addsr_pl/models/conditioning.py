@@ -94,10 +94,10 @@ class PromptEncoder(nn.Module):
             return ""
         parts = {"fixed": [], "manual": [manual], "tags": [tags, manual]}[self.prompt]
         if training and not self.train_positive_prompt:
-            return "".join(f"{p}, " for p in parts if p)
+            return "".join(p + PART_SEPARATOR for p in parts if p)
         if self.prompt_join == "official" and parts:
-            return ", ".join(parts) + "," + self.positive_prompt
-        return ", ".join(p for p in [*parts, self.positive_prompt] if p)
+            return PART_SEPARATOR.join(parts) + "," + self.positive_prompt
+        return PART_SEPARATOR.join(p for p in [*parts, self.positive_prompt] if p)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> Tensor:
@@ -137,6 +137,8 @@ class PromptEncoder(nn.Module):
 
 
 PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
+# How `compose` joins the tags, the manual prompt and the positive prompt (the official pipeline's).
+PART_SEPARATOR = ", "
 # inference step 1's tagger input: upscaled (the control image) | lr_bilinear (official)
 TAGGER_INPUTS = ("upscaled", "lr_bilinear")
 PROMPT_JOINS = ("clean", "official")
