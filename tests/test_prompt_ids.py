@@ -165,3 +165,75 @@ def test_the_ids_are_one_graph_without_host_syncs(clip_tokenizer):
     explanation = torch._dynamo.explain(table)(mask, *table.frame(["", "x"]))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+@pytest.fixture(scope="module")
+def seesr_pipeline(tmp_path_factory):
+    from test_speed import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("cache"))
+
+
+def per_image(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("join", "tagger_input", "manual"),
+    [("clean", "upscaled", None), ("official", "lr_bilinear", ["", "a (manual) prompt,", "x-ray"])],
+)
+def test_the_call_with_prompts_on_the_device_equals_the_host_path(seesr_pipeline, join, tagger_input, manual):
+    """`__call__` (RAM, tag mask, ids and text encoder inside `sampled_image`) gives bit for bit the
+    images of `run`, whose prompts go through strings, the tokenizer and the embedding cache."""
+    conditioner = seesr_pipeline.conditioner
+    assert conditioner.device_prompts
+    conditioner.prompt_encoder.prompt_join, conditioner.inference_tagger_input = join, tagger_input
+    try:
+        # black, white, blue: three tag sets of the tiny RAM; the last two share one text, which the
+        # host path encodes once
+        lr = torch.tensor([[0.0, 0, 0], [1, 1, 1], [0, 0, 1], [0, 0, 1]]).view(4, 3, 1, 1).expand(4, 3, 8, 8)
+        fast = seesr_pipeline(
+            lr, steps=2, generator=per_image(4), manual_prompt=manual and [*manual, "x-ray"]
+        )
+        steps = seesr_pipeline.run(
+            lr, steps=2, generator=per_image(4), manual_prompt=manual and [*manual, "x-ray"]
+        )
+        texts = conditioner.texts(conditioner.first_step_image(lr, upscale_for(seesr_pipeline, lr)))
+        assert len(set(texts[:3])) > 1  # the batch mixes tag sets
+    finally:
+        conditioner.prompt_encoder.prompt_join, conditioner.inference_tagger_input = "clean", "upscaled"
+    assert torch.equal(fast, steps[-1].x0_image)
+
+
+def upscale_for(pipeline, lr):
+    return pipeline._inputs(lr, 1, None, None)[0]
+
+
+def test_the_call_with_a_fixed_prompt_equals_the_host_path(tmp_path):
+    from test_speed import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path, seesr=False)
+    assert pipeline.conditioner.device_prompts and pipeline.conditioner.tagger is None
+    lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    fast = pipeline(lr, steps=2, generator=per_image(2))
+    assert torch.equal(fast, pipeline.run(lr, steps=2, generator=per_image(2))[-1].x0_image)
+
+
+def test_conditioning_on_the_device_equals_the_host_conditioning(seesr_pipeline):
+    conditioner = seesr_pipeline.conditioner
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    manual = ["", "a manual prompt", "3D"]
+    host = conditioner.condition(images, manual)
+    device = conditioner.condition_on_device(images, *conditioner.prompt_frame(3, manual))
+    assert torch.equal(device.text_embeds, host.text_embeds)
+    assert torch.equal(device.image_embeds, host.image_embeds)
+
+
+@pytest.mark.slow
+def test_the_whole_call_with_its_conditioning_compiles_to_one_graph(seesr_pipeline):
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    inputs = seesr_pipeline._device_inputs(lr, 2, per_image(1), None)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(seesr_pipeline.sampled_image)(inputs, (0.4, None))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -157,8 +157,49 @@ class AddSRPipeline:
         noise: str = "per_image",
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, list[Tensor]]:
         """(padded lr_up, text embeddings, step 1's representation, timesteps, the VAE posterior's noise
-        or None, noises): everything the sampler takes, the prompt's tags and the representation from one
-        tagger forward. A given `lr_up` (e.g. the official script's PIL upscale) is used as it is."""
+        or None, noises): everything `final_image` takes, the prompt's tags and the representation from
+        one tagger forward, on the host (strings, the tokenizer, the text-embedding cache)."""
+        lr, lr_up, timesteps, posterior_noise, noises = self._draws(
+            lr, steps, generator, lr_up, start_latent, noise
+        )
+        conditioning = self.conditioner.condition(
+            self.conditioner.first_step_image(lr, lr_up), manual=manual_prompt
+        )
+        return lr_up, conditioning.text_embeds, conditioning.image_embeds, timesteps, posterior_noise, noises
+
+    def _device_inputs(
+        self,
+        lr: Tensor,
+        steps: int | list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        manual_prompt: list[str] | None,
+        lr_up: Tensor | None = None,
+        start_latent: str = "mean",
+        noise: str = "per_image",
+    ) -> list[Tensor | None]:
+        """What `sampled_image` takes: [padded lr_up, the tagger's step-1 image (None without a tagger),
+        the prompts' frame and joined flags (`Conditioner.prompt_frame`), timesteps, the VAE
+        posterior's noise or None, *noises]; the conditioning itself is left to the call."""
+        lr, lr_up, timesteps, posterior_noise, noises = self._draws(
+            lr, steps, generator, lr_up, start_latent, noise
+        )
+        conditioner = self.conditioner
+        tagger_image = None if conditioner.tagger is None else conditioner.first_step_image(lr, lr_up)
+        frame, joined = conditioner.prompt_frame(lr.shape[0], manual_prompt, self.device)
+        return [lr_up, tagger_image, frame, joined, timesteps, posterior_noise, *noises]
+
+    def _draws(
+        self,
+        lr: Tensor,
+        steps: int | list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        lr_up: Tensor | None,
+        start_latent: str,
+        noise: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, list[Tensor]]:
+        """(lr on the device, padded lr_up, timesteps, the VAE posterior's noise or None, noises): the
+        sampler's inputs besides the conditioning. A given `lr_up` (e.g. the official script's PIL
+        upscale) is used as it is."""
         if start_latent not in START_LATENTS:
             raise ValueError(f"start_latent = {start_latent!r}: must be one of {', '.join(START_LATENTS)}")
         if noise not in NOISE_DRAWS:
@@ -178,9 +219,6 @@ class AddSRPipeline:
         else:
             lr_up = lr_up.to(self.device, torch.float32)
         timesteps = torch.tensor(self.timesteps(steps), device=self.device)
-        conditioning = self.conditioner.condition(
-            self.conditioner.first_step_image(lr, lr_up), manual=manual_prompt
-        )
         shape = (lr.shape[0], self.latent_channels, lr_up.shape[-2] // self.codec.scale_factor,
                  lr_up.shape[-1] // self.codec.scale_factor)  # fmt: skip
         if noise == "official":
@@ -190,7 +228,7 @@ class AddSRPipeline:
             posterior_noise = self.noise(shape, generator) if start_latent == "sample" else None
         if start_latent == "mean":
             posterior_noise = None
-        return lr_up, conditioning.text_embeds, conditioning.image_embeds, timesteps, posterior_noise, noises
+        return lr, lr_up, timesteps, posterior_noise, noises
 
     def official_noise(
         self,
@@ -272,18 +310,43 @@ class AddSRPipeline:
         timesteps, posterior noise or None, *noises]; constants: (psr_weight, psr_decoder)."""
         return self._sample(inputs, constants)[-1].x0_image
 
-    def _prepare(self, lr, steps, psr_weight, generator, manual_prompt, psr_decoder, **options):
-        """((output height, width), the sampler's inputs, its constants) for `run` and `__call__`;
-        `options`: `lr_up`, `start_latent`, `noise` of `_inputs`."""
-        lr_up, text_embeds, representation, timesteps, posterior_noise, noises = self._inputs(
-            lr, steps, generator, manual_prompt, **options
+    def sampled_image(self, inputs: list, constants: tuple) -> Tensor:
+        """The whole call as one function of tensors, conditioning included: the tagger's pass, the tag
+        mask, the prompts' token ids, the text encoder, then `final_image`. What `torch.compile` and
+        the CUDA graphs take where the conditioner builds its prompts on the device. inputs:
+        `_device_inputs`'s; constants: (psr_weight, psr_decoder)."""
+        lr_up, tagger_image, frame, joined, *draws = inputs
+        conditioning = self.conditioner.condition_on_device(tagger_image, frame, joined)
+        return self.final_image(
+            [lr_up, conditioning.text_embeds, conditioning.image_embeds, *draws], constants
         )
-        constants = (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
+
+    def _whole_call(self):
+        """`__call__`'s function and how its inputs are made: the conditioning inside (`sampled_image`)
+        where the conditioner builds its prompts on the device, else computed before (`final_image`)."""
+        if self.conditioner.device_prompts:
+            return self.sampled_image, self._device_inputs
+        return self.final_image, self._host_inputs
+
+    def _host_inputs(self, *args, **options) -> list[Tensor | None]:
+        """`_inputs` as `final_image` takes them: [lr_up, text_embeds, representation, timesteps,
+        posterior noise or None, *noises]."""
+        *inputs, noises = self._inputs(*args, **options)
+        return [*inputs, *noises]
+
+    def _prepare(self, lr, steps, psr_weight, generator, manual_prompt, psr_decoder, **options):
+        """((output height, width), `final_image`'s inputs, its constants) for `run`; `options`: `lr_up`,
+        `start_latent`, `noise` of `_inputs`."""
+        inputs = self._host_inputs(lr, steps, generator, manual_prompt, **options)
+        return self._size(lr, inputs[0], options), inputs, self._constants(psr_weight, psr_decoder)
+
+    def _size(self, lr: Tensor, lr_up: Tensor, options: dict) -> tuple[int, int]:
         if options.get("lr_up") is not None:
-            size = tuple(lr_up.shape[-2:])
-        else:
-            size = (lr.shape[-2] * self.scale, lr.shape[-1] * self.scale)
-        return size, [lr_up, text_embeds, representation, timesteps, posterior_noise, *noises], constants
+            return tuple(lr_up.shape[-2:])
+        return (lr.shape[-2] * self.scale, lr.shape[-1] * self.scale)
+
+    def _constants(self, psr_weight: float | None, psr_decoder: str | None) -> tuple:
+        return (self.psr_weight if psr_weight is None else float(psr_weight), psr_decoder)
 
     @torch.no_grad()
     def run(
@@ -328,10 +391,10 @@ class AddSRPipeline:
         upscale of `lr`, padded); `start_latent`: the encoded `lr_up`'s posterior `mean` or a `sample`
         of it (official); `noise`: `per_image` draws from each image's generator, `official` in the
         official pipeline's order (`official_noise`)."""
-        (h, w), inputs, constants = self._prepare(
-            lr, steps, psr_weight, generator, manual_prompt, psr_decoder,
-            lr_up=lr_up, start_latent=start_latent, noise=noise,
-        )  # fmt: skip
+        function, make_inputs = self._whole_call()
+        options = {"lr_up": lr_up, "start_latent": start_latent, "noise": noise}
+        inputs = make_inputs(lr, steps, generator, manual_prompt, **options)
+        (h, w), constants = self._size(lr, inputs[0], options), self._constants(psr_weight, psr_decoder)
         tiled = self.plan is not None and (self.plan.vae_tile_size or self.plan.latent_tile_size)
         if self._graphs is not None and not tiled:
             try:
@@ -348,7 +411,7 @@ class AddSRPipeline:
         if self._compiled is not None and not tiled:
             image = self._compiled(inputs, constants).clone()
         else:
-            image = self.final_image(inputs, constants).clone()
+            image = function(inputs, constants).clone()
         return image[..., :h, :w]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AddSRPipeline:
@@ -378,10 +441,10 @@ class AddSRPipeline:
                             speed.channels_last)  # fmt: skip
         apply_tf32(device, speed.tf32)
         self.speed = speed
-        function = self.final_image
+        function = whole = self._whole_call()[0]
         self._compiled = None
         if speed.compile != "none" and speed.compile_scope == "sampler":
-            function = self._compiled = torch.compile(self.final_image, mode=speed.compile, dynamic=False)
+            function = self._compiled = torch.compile(whole, mode=speed.compile, dynamic=False)
         elif speed.compile != "none":
             for module in self.compiled_modules():
                 module.compile(mode=speed.compile, dynamic=False)

@@ -6,6 +6,7 @@ cross-attention (`image_attentions`). Plain SD2 models take no representation.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from addsr_pl.models.prompt_ids import PromptIds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,10 +124,15 @@ class PromptEncoder(nn.Module):
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(device)
-            for text, embeds in zip(missing, self.text_encoder(ids)[0]):
+            for text, embeds in zip(missing, self.encode_ids(ids)):
                 found[text] = embeds
                 self._remember((text, str(device), dtype), embeds)
         return torch.stack([found[text] for text in texts])
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Tensor) -> Tensor:
+        """[B, L, D] embeddings of token ids [B, L] (no cache: the ids may never reach the host)."""
+        return self.text_encoder(ids)[0]
 
     def _remember(self, key: tuple[str, str, torch.dtype], embeds: Tensor) -> None:
         """Keep `embeds` (a copy, not a view of a batch) and drop the least recently used beyond cache_size."""
@@ -246,6 +256,28 @@ class Conditioner(nn.Module):
                 "These models have image cross-attention (SeeSR-style) and need a representation: "
                 "set conditioning.tagger (e.g. conditioning=ram)"
             )
+        self.prompt_ids = self._prompt_ids()
+
+    def _prompt_ids(self) -> PromptIds | None:
+        """The on-device prompt ids of this conditioner, or None where prompts go through strings: a
+        tagger that gives no tag mask in tag-list order (OpenCLIP's tags come by score), or a tag list,
+        separator or tokenizer the table refuses (logged)."""
+        encoder = self.prompt_encoder
+        tags, separator = None, PART_SEPARATOR
+        if encoder.prompt == "tags":
+            if not hasattr(self.tagger, "tag_mask"):
+                return None
+            tags, separator = self.tagger.tag_list, self.tagger.tag_separator
+        try:
+            return PromptIds(encoder.tokenizer, encoder.compose, PART_SEPARATOR, tags, separator)
+        except ValueError as error:
+            log.warning("Prompts are tokenized on the host, outside the compiled sampler: %s", error)
+            return None
+
+    @property
+    def device_prompts(self) -> bool:
+        """Whether `condition_on_device` can build this conditioner's prompts (see `_prompt_ids`)."""
+        return self.prompt_ids is not None
 
     @classmethod
     def from_config(
@@ -341,6 +373,25 @@ class Conditioner(nn.Module):
         text_embeds = self.prompt_encoder.encode(
             [self.prompt_encoder.compose(t, m) for t, m in zip(tags, manual)]
         )
+        return Conditioning(text_embeds, representation if self.use_representation else None)
+
+    def prompt_frame(
+        self, batch: int, manual: list[str] | None = None, device: torch.device | str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The host-side part of `condition_on_device`'s prompts: (frame, joined) of `PromptIds.frame`
+        for each image's manual prompt (default: `manual_prompt`)."""
+        return self.prompt_ids.frame(manual or [self.manual_prompt] * batch, device)
+
+    def condition_on_device(self, images: Tensor | None, frame: Tensor, joined: Tensor) -> Conditioning:
+        """`condition` as a function of tensors alone: the tagger's tag mask and representation from one
+        pass, the prompts' token ids from the mask (`PromptIds`), the text encoder. `frame`, `joined`:
+        `prompt_frame`'s; `images` may be None where neither tags nor a representation are needed."""
+        mask, representation = None, None
+        if self.prompt_encoder.prompt == "tags":
+            mask, representation = self.tagger.tag_mask(images)
+        elif self.use_representation:
+            representation = self.tagger.representation(images)
+        text_embeds = self.prompt_encoder.encode_ids(self.prompt_ids(mask, frame, joined))
         return Conditioning(text_embeds, representation if self.use_representation else None)
 
     def represent(self, images: Tensor) -> Tensor | None:

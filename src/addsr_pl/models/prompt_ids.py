@@ -60,6 +60,8 @@ class PromptIds(nn.Module):
                 f"tokenizer model_max_length = {self.max_length}: prompt ids need the text encoder's length"
             )
         self.bos, self.eos, self.pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        if None in (self.bos, self.eos, self.pad):
+            raise ValueError("prompt ids need a tokenizer with BOS, EOS and pad tokens (CLIP's)")
         self.has_tags = tags is not None
         if tags is not None:
             units, lengths = self._tag_units(list(tags), tag_separator)
@@ -67,7 +69,7 @@ class PromptIds(nn.Module):
             self.register_buffer("unit_lengths", lengths, persistent=False)  # [followers, tags]
 
     def _tokens(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False).input_ids
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False).input_ids  # no length warning
 
     def _tag_units(self, tags: list[str], tag_separator: str) -> tuple[Tensor, Tensor]:
         if not tags:

@@ -626,22 +626,37 @@ class RAMTagger(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> TaggerOutput:
+        mask, representation = self.tag_mask(images)
+        return TaggerOutput(self.tags_from_mask(mask), representation)
+
+    @torch.no_grad()
+    def tag_mask(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(which tags each image has [B, classes] bool, representation [B, 1 + L, 512] float32) from one
+        RAM pass, as tensors only (the prompt's ids are built from the mask on the device)."""
         # RAM runs in its own `dtype`, not in the trainer's autocast dtype: tags flip near thresholds
         with torch.autocast(images.device.type, enabled=False):
             embeds = self.ram.image_embeds(self.preprocess(images))
             logits = self.ram.tag_logits(embeds)
-        return TaggerOutput(self.tags_from_logits(logits), embeds.float())
+        return self.mask_from_logits(logits), embeds.float()
 
     @torch.no_grad()
     def representation(self, images: Tensor) -> Tensor:
         with torch.autocast(images.device.type, enabled=False):
             return self.ram.image_embeds(self.preprocess(images)).float()
 
-    def tags_from_logits(self, logits: Tensor) -> list[str]:
-        on = torch.sigmoid(logits.float()) > self.class_thresholds
+    def mask_from_logits(self, logits: Tensor) -> Tensor:
+        """The tags whose probability exceeds their class threshold, compared in float32."""
+        return torch.sigmoid(logits.float()) > self.class_thresholds
+
+    def tags_from_mask(self, mask: Tensor) -> list[str]:
+        """Each image's tags in tag-list order, joined by `tag_separator` (on the host)."""
         return [
-            self.tag_separator.join(self.tag_list[i] for i in row.nonzero().flatten().tolist()) for row in on
+            self.tag_separator.join(self.tag_list[i] for i in row.nonzero().flatten().tolist())
+            for row in mask
         ]
+
+    def tags_from_logits(self, logits: Tensor) -> list[str]:
+        return self.tags_from_mask(self.mask_from_logits(logits))
 
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
