@@ -98,3 +98,16 @@ def test_tagger_openclip_vocabulary_from_a_file(tiny_clip_weights, tmp_path):
         "tiny-test-clip", tiny_clip_weights, tmp_path / "words.txt", threshold=0.0, **TAGGER_ARGS
     )
     assert tagger.vocabulary == VOCABULARY
+
+
+def test_openclip_prompts_stay_on_the_host(tiny_clip_weights, tmp_path):
+    """OpenCLIP orders its tags by score, not by vocabulary: no on-device prompt ids, the string path."""
+    from torch import nn
+
+    from addsr_pl.models.conditioning import Conditioner, PromptEncoder
+    from addsr_pl.models.diffusion import character_tokenizer
+
+    prompts = PromptEncoder(nn.Identity(), character_tokenizer(tmp_path, 77), "tags", "clean", "")
+    conditioner = Conditioner(prompts, tiny_tagger(tiny_clip_weights))
+    assert not conditioner.device_prompts
+    assert conditioner.texts(images())[0].endswith(", clean")

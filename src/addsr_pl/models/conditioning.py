@@ -256,12 +256,20 @@ class Conditioner(nn.Module):
                 "These models have image cross-attention (SeeSR-style) and need a representation: "
                 "set conditioning.tagger (e.g. conditioning=ram)"
             )
-        self.prompt_ids = self._prompt_ids()
+        self.prompt_ids: PromptIds | None = None  # built at first use: training never needs it
+        self._prompt_ids_built = False
 
     def _prompt_ids(self) -> PromptIds | None:
         """The on-device prompt ids of this conditioner, or None where prompts go through strings: a
         tagger that gives no tag mask in tag-list order (OpenCLIP's tags come by score), or a tag list,
         separator or tokenizer the table refuses (logged)."""
+        if self._prompt_ids_built:
+            return self.prompt_ids
+        self._prompt_ids_built = True
+        self.prompt_ids = self._build_prompt_ids()
+        return self.prompt_ids
+
+    def _build_prompt_ids(self) -> PromptIds | None:
         encoder = self.prompt_encoder
         tags, separator = None, PART_SEPARATOR
         if encoder.prompt == "tags":
@@ -277,7 +285,7 @@ class Conditioner(nn.Module):
     @property
     def device_prompts(self) -> bool:
         """Whether `condition_on_device` can build this conditioner's prompts (see `_prompt_ids`)."""
-        return self.prompt_ids is not None
+        return self._prompt_ids() is not None
 
     @classmethod
     def from_config(
@@ -379,8 +387,9 @@ class Conditioner(nn.Module):
         self, batch: int, manual: list[str] | None = None, device: torch.device | str | None = None
     ) -> tuple[Tensor, Tensor]:
         """The host-side part of `condition_on_device`'s prompts: (frame, joined) of `PromptIds.frame`
-        for each image's manual prompt (default: `manual_prompt`)."""
-        return self.prompt_ids.frame(manual or [self.manual_prompt] * batch, device)
+        for each image's manual prompt (default: `manual_prompt`); the table moves to `device`."""
+        prompt_ids = self._prompt_ids().to(device)
+        return prompt_ids.frame(manual or [self.manual_prompt] * batch, device)
 
     def condition_on_device(self, images: Tensor | None, frame: Tensor, joined: Tensor) -> Conditioning:
         """`condition` as a function of tensors alone: the tagger's tag mask and representation from one
