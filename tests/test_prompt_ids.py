@@ -186,12 +186,14 @@ def test_the_call_with_prompts_on_the_device_equals_the_host_path(seesr_pipeline
     """`__call__` (RAM, tag mask, ids and text encoder inside `sampled_image`) gives bit for bit the
     images of `run`, whose prompts go through strings, the tokenizer and the embedding cache."""
     conditioner = seesr_pipeline.conditioner
-    assert conditioner.device_prompts
+    assert seesr_pipeline._whole_call()[0] == seesr_pipeline.sampled_image
     conditioner.prompt_encoder.prompt_join, conditioner.inference_tagger_input = join, tagger_input
     try:
         # black, white, blue: three tag sets of the tiny RAM; the last two share one text, which the
         # host path encodes once
-        lr = torch.tensor([[0.0, 0, 0], [1, 1, 1], [0, 0, 1], [0, 0, 1]]).view(4, 3, 1, 1).expand(4, 3, 8, 8)
+        colours = torch.tensor([[0.0, 0, 0], [1, 1, 1], [0, 0, 1], [0, 0, 1]]).view(4, 3, 1, 1)
+        texture = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        lr = (colours + 0.1 * texture).clamp(0, 1)
         fast = seesr_pipeline(
             lr, steps=2, generator=per_image(4), manual_prompt=manual and [*manual, "x-ray"]
         )
@@ -213,7 +215,7 @@ def test_the_call_with_a_fixed_prompt_equals_the_host_path(tmp_path):
     from test_speed import tiny_pipeline
 
     pipeline = tiny_pipeline(tmp_path, seesr=False)
-    assert pipeline.conditioner.device_prompts and pipeline.conditioner.tagger is None
+    assert pipeline._whole_call()[0] == pipeline.sampled_image and pipeline.conditioner.tagger is None
     lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     fast = pipeline(lr, steps=2, generator=per_image(2))
     assert torch.equal(fast, pipeline.run(lr, steps=2, generator=per_image(2))[-1].x0_image)
