@@ -1,9 +1,11 @@
 """RAM / DAPE on a tiny configuration: shapes, checkpoint loading, DAPE merge, tags through thresholds."""
 
+import copy
 import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from addsr_pl.models.ram import (
     RAM,
@@ -313,3 +315,43 @@ def test_official_training_captions_come_from_ram_without_dape(tmp_path):
     assert official.texts(x, training=True) == [official.train_tagger(x).tags[0] + ", clean"]
     with pytest.raises(ValueError, match="train_tags"):
         Conditioner.from_config(None, None, torch.nn.Identity(), {**conditioning, "train_tags": "blip"})
+
+
+def photos(size: int = 96) -> torch.Tensor:
+    """scikit-image's sample photos (colour and grey), resized to size x size, in [0, 1]."""
+    from skimage import data
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
+    names += ["retina", "cat", "colorwheel", "camera"]
+    out = []
+    for name in names:
+        image = torch.from_numpy(getattr(data, name)().copy()).float() / 255
+        image = image[..., None].expand(-1, -1, 3) if image.ndim == 2 else image[..., :3]
+        out.append(F.interpolate(image.permute(2, 0, 1)[None], size=(size, size), mode="area"))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("classes", [5, 64])
+def test_ram_cast_to_bf16_keeps_float32_thresholds_and_the_photos_tags(classes):
+    """A bf16 pipeline casts RAM whole: its thresholds stay float32, and a tag of a photo flips only
+    where its float32 probability lies within bf16's error of its threshold (the preset's 5 tags:
+    none; 64 tags on 10 photos: 1 of 640, margin 5e-4 against an error of 3e-3)."""
+    torch.manual_seed(0)
+    ram = RAM(**{**TINY_RAM, "num_classes": classes})
+    with torch.no_grad():
+        ram.label_embed.normal_()
+    thresholds = 0.5 + 0.4 * torch.rand(classes, generator=torch.Generator().manual_seed(0))
+    tags = [f"tag {i}" for i in range(classes)]
+    fp32 = RAMTagger(copy.deepcopy(ram), tags, thresholds.tolist(), **PREPROCESS)
+    bf16 = RAMTagger(copy.deepcopy(ram), tags, thresholds.tolist(), **PREPROCESS).to(torch.bfloat16)
+    assert bf16.ram.fc.weight.dtype == torch.bfloat16
+    assert bf16.class_thresholds.dtype == torch.float32 and torch.equal(bf16.class_thresholds, thresholds)
+    x = photos()
+    probabilities = [
+        torch.sigmoid(t.ram.tag_logits(t.ram.image_embeds(t.preprocess(x))).float()) for t in (fp32, bf16)
+    ]
+    error = (probabilities[1] - probabilities[0]).abs().max()
+    flips = fp32.tag_mask(x)[0] != bf16.tag_mask(x)[0]
+    assert fp32.tag_mask(x)[0].sum() > x.shape[0]  # the photos have tags
+    assert ((probabilities[0] - thresholds).abs()[flips] <= error).all()
+    assert flips.sum() <= (0 if classes == 5 else 1)

@@ -565,6 +565,14 @@ class RAMTagger(nn.Module):
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # The per-tag thresholds stay float32 whatever dtype the tagger is cast to (a bf16 pipeline
+        # casts it whole): rounded to bf16 they would move by up to 2^-9 and flip the tags near them.
+        thresholds = self.class_thresholds
+        super()._apply(fn, recurse)
+        self.class_thresholds = thresholds.to(self.class_thresholds.device)
+        return self
+
     @classmethod
     def from_folder(
         cls,
