@@ -305,9 +305,10 @@ class AddSRPipeline:
         )
 
     def final_image(self, inputs: list, constants: tuple) -> Tensor:
-        """The whole sampler, from the prepared inputs to the last step's image: the function that
-        `torch.compile` and the CUDA graphs take. inputs: [lr_up, text_embeds, representation,
-        timesteps, posterior noise or None, *noises]; constants: (psr_weight, psr_decoder)."""
+        """The whole sampler, from the prepared inputs to the last step's image (the conditioning
+        computed before): what `torch.compile` and the CUDA graphs take where the prompts go through
+        strings (`_whole_call`). inputs: [lr_up, text_embeds, representation, timesteps, posterior
+        noise or None, *noises]; constants: (psr_weight, psr_decoder)."""
         return self._sample(inputs, constants)[-1].x0_image
 
     def sampled_image(self, inputs: list, constants: tuple) -> Tensor:
@@ -385,7 +386,8 @@ class AddSRPipeline:
         noise: str = "per_image",
     ) -> Tensor:
         """SR images [B, 3, scale*h, scale*w] in [0, 1], through the compiled / graphed sampler where
-        `with_speed` set one up and the run is untiled (tiled runs stay eager).
+        `with_speed` set one up and the run is untiled (tiled runs stay eager). The conditioning runs
+        inside it where the conditioner builds its prompts on the device (`sampled_image`).
 
         `lr_up`: the control image of step 1 at the output size, made by the caller (None: the bicubic
         upscale of `lr`, padded); `start_latent`: the encoded `lr_up`'s posterior `mean` or a `sample`
