@@ -28,6 +28,7 @@ from addsr_pl.models.backbones.sd3 import (
     pack_prompt,
     unpack_prompt,
 )
+from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.diffusion import MissingWeightsError
 from addsr_pl.paths import config_dir
 from addsr_pl.train import train
@@ -165,10 +166,38 @@ def test_the_control_enters_as_a_latent_and_the_prompt_packs_its_pooled_projecti
     assert a.shape == z.shape and not torch.allclose(a, b)  # the ControlNet reads its control
 
 
-def test_sd3_refuses_a_tagger(cache_dir, tmp_path):
-    cfg = compose_train(tmp_path, [*SD3, "conditioning=tiny_ram"], cache_dir)
-    with pytest.raises(ValueError, match="SD3 has no image cross-attention"):
-        AddSRModule(**to_dicts(cfg))
+def test_rams_representation_joins_the_joint_attention_context(cache_dir, tmp_path):
+    ram = [*SD3, "conditioning=tiny_ram", "conditioning.representation_in_context=true"]
+    result = train(compose_train(tmp_path / "ram", [*ram, "trainer.max_steps=1"], cache_dir))
+    module = result["module"]
+    assert module.conditioner.use_representation
+    control = torch.rand(1, 3, 32, 32)
+    cond = module.conditioner.condition(control)
+    assert cond.image_embeds is not None and cond.image_embeds.shape[-1] == 16
+    z, t = torch.randn(1, 8, 4, 4), torch.tensor([500.0])
+    with torch.no_grad():
+        with_representation = module.teacher(z, t, control, cond)
+        without = module.teacher(z, t, control, Conditioning(cond.text_embeds))
+    assert not torch.allclose(with_representation, without)
+    assert AddSRPipeline.from_folder(result["student"]).conditioner.use_representation
+    # off, the tagger gives tags only
+    plain = AddSRModule(
+        **to_dicts(compose_train(tmp_path / "tags", [*SD3, "conditioning=tiny_ram"], cache_dir))
+    )
+    assert not plain.conditioner.use_representation
+
+
+def test_representation_in_context_is_refused_where_it_cannot_work(cache_dir, tmp_path):
+    no_tagger = compose_train(
+        tmp_path / "a", [*SD3, "conditioning.representation_in_context=true"], cache_dir
+    )
+    with pytest.raises(ValueError, match="needs a tagger for the representation"):
+        AddSRModule(**to_dicts(no_tagger))
+    sd2 = compose_train(
+        tmp_path / "b", ["conditioning=tiny_ram", "conditioning.representation_in_context=true"], cache_dir
+    )
+    with pytest.raises(ValueError, match="SD2 takes the representation through SeeSR's"):
+        AddSRModule(**to_dicts(sd2))
 
 
 def test_the_loader_names_every_missing_file_and_the_key(tmp_path):

@@ -694,6 +694,7 @@ SCHEMA: dict[str, Group] = {
             "prompt_cache_size": NONNEGATIVE,
             "inference_tagger_input": Choice(*TAGGER_INPUTS),
             "max_sequence_length": POSITIVE,
+            "representation_in_context": Bool(),
         }
     ),  # fmt: skip
     # conf/upscale.yaml with the command line's flags merged in

@@ -27,6 +27,11 @@ class SD2Backbone(Backbone):
         return Denoiser(networks["unet"], networks["controlnet"], conditioning_scale)
 
     def conditioner(self, parts: dict[str, Any], conditioning: dict, resolve=None) -> Conditioner:
+        if conditioning.get("representation_in_context"):
+            raise ValueError(
+                "conditioning.representation_in_context = true is for backbones without image cross-attention "
+                "(SD3); SD2 takes the representation through SeeSR's (model=sd2_seesr or tiny_seesr)"
+            )
         return Conditioner.from_config(
             parts["text_encoder"], parts["tokenizer"], parts["unet"], conditioning, resolve
         )

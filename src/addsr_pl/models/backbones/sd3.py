@@ -5,7 +5,8 @@ The control enters as a VAE latent: the denoiser encodes its control image with 
 PSR's control (the decoded x0 blended with the LR) reaches the ControlNet as the encoded blend. The
 prompt travels as one tensor, the joint-attention tokens followed by the pooled projection laid out as
 tokens (`pack_prompt`), so the sampler, the prompt cache and the teacher's repeats carry it as they
-carry SD2's text embeddings. Loaded from a local diffusers folder (`load_sd3_components`) or built
+carry SD2's text embeddings. RAM's representation, where `conditioning.representation_in_context` asks for
+it, joins that context after the prompt's tokens (`append_representation`). Loaded from a local diffusers folder (`load_sd3_components`) or built
 tiny from config dicts (`build_tiny_sd3_components`).
 """
 
@@ -100,6 +101,19 @@ def unpack_prompt(embeds: Tensor, pooled_dim: int) -> tuple[Tensor, Tensor]:
     return embeds[:, :-n], embeds[:, -n:].reshape(embeds.shape[0], -1)[:, :pooled_dim]
 
 
+def append_representation(tokens: Tensor, representation: Tensor) -> Tensor:
+    """The joint-attention context with the representation's tokens [B, N, D'] after the prompt's,
+    zero-padded to its width D as SD3 pads CLIP's to T5's (`conditioning.representation_in_context`: SeeSR's
+    image cross-attention has no MMDiT counterpart)."""
+    width = tokens.shape[-1]
+    if representation.shape[-1] > width:
+        raise ValueError(
+            f"The representation is {representation.shape[-1]} wide, more than the joint-attention context's "
+            f"{width}: it cannot join it (conditioning.representation_in_context=false)"
+        )
+    return torch.cat([tokens, F.pad(representation, (0, width - representation.shape[-1]))], dim=1)
+
+
 class SD3PromptEncoder(PromptEncoder):
     """SD3's prompt, as diffusers' SD3 pipeline builds it: the penultimate hidden states of CLIP-L and
     CLIP-G side by side, zero-padded to T5's width, followed by T5's last hidden state; the pooled
@@ -161,6 +175,8 @@ class SD3Denoiser(nn.Module):
         tokens, pooled = unpack_prompt(
             conditioning.text_embeds.to(dtype), self.transformer.config.pooled_projection_dim
         )
+        if conditioning.image_embeds is not None:
+            tokens = append_representation(tokens, conditioning.image_embeds.to(dtype))
         residuals = self.controlnet(
             hidden_states=z_t,
             controlnet_cond=control,
@@ -199,11 +215,12 @@ class SD3Backbone(Backbone):
         return SD3Denoiser(networks["transformer"], networks["controlnet"], codec, conditioning_scale)
 
     def conditioner(self, parts: dict[str, Any], conditioning: dict, resolve=None) -> Conditioner:
-        if conditioning.get("tagger"):
+        # SD3 has no image cross-attention: the representation, where used, joins the prompt's tokens
+        in_context = conditioning.get("representation_in_context", False)
+        if in_context and not conditioning.get("tagger"):
             raise ValueError(
-                "conditioning.tagger is set, but SD3 has no image cross-attention for RAM's representation "
-                "(appending it to the joint-attention context is not implemented): use conditioning=fixed, "
-                "manual or none with an SD3 model"
+                "conditioning.representation_in_context = true needs a tagger for the representation: set "
+                "conditioning.tagger (e.g. conditioning=ram) or representation_in_context=false"
             )
         encoder = SD3PromptEncoder(
             [parts["text_encoder"], parts["text_encoder_2"], parts["text_encoder_3"]],
@@ -211,7 +228,7 @@ class SD3Backbone(Backbone):
             conditioning["max_sequence_length"],
             **prompt_options(conditioning),
         )
-        return Conditioner.with_prompt_encoder(encoder, False, conditioning, resolve)
+        return Conditioner.with_prompt_encoder(encoder, in_context, conditioning, resolve)
 
     def trained_modules(self, networks: dict[str, nn.Module], trainable: str) -> list[nn.Module]:
         controlnet = networks["controlnet"]
