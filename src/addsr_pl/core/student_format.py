@@ -41,6 +41,8 @@ BACKBONE_COMPONENTS = {
     "sd2": ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sd3": ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
             "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "reference_scheduler"),
+    "sdxl": ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+             "scheduler"),
 }  # fmt: skip
 DEFAULT_BACKBONE = "sd2"
 REQUIRED_COMPONENTS = BACKBONE_COMPONENTS[DEFAULT_BACKBONE]
