@@ -41,8 +41,9 @@ from addsr_pl.core.sampler import upscale
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 from addsr_pl.method.module import AddSRModule
+from addsr_pl.models.backbones.sd2 import SD2Backbone
 from addsr_pl.models.conditioning import build_tagger
-from addsr_pl.models.trainable import has_image_attention, select_trainable
+from addsr_pl.models.trainable import has_image_attention
 from addsr_pl.paths import config_dir
 
 FULL_SIZE = [
@@ -185,7 +186,9 @@ class PlainRecipe:
         frozen += [self.tagger] if self.tagger is not None else []
         for module in frozen:
             module.requires_grad_(False).eval().to(device, frozen_dtype)
-        select_trainable(self.unet_s, self.cn_s, m["trainable"], m["lora"])
+        SD2Backbone().select_trainable(
+            {"unet": self.unet_s, "controlnet": self.cn_s}, m["trainable"], m["lora"]
+        )
         for module in (self.unet_s, self.cn_s):
             module.to(device)
             for p in module.parameters():

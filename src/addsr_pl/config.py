@@ -647,12 +647,20 @@ SCHEMA: dict[str, Group] = {
                 tokenizer_max_length=POSITIVE,
                 zero_conv_std=Float(0),
                 image_cross_attention_dim=Optional(POSITIVE),
+                # SD3 (models/backbones/sd3.py)
+                transformer_path=PATH,
+                controlnet_layers=POSITIVE,
+                flow_shift=Float(0, open_low=True),
                 # diffusers / transformers constructor arguments, as those libraries take them
                 unet=ANY,
                 controlnet=ANY,
                 vae=ANY,
                 text_encoder=ANY,
                 scheduler=ANY,
+                transformer=ANY,
+                clip_text_encoder=ANY,
+                t5_text_encoder=ANY,
+                reference_scheduler=ANY,
             ),
             "discriminator": Target(
                 backbone=ANY,
@@ -685,6 +693,8 @@ SCHEMA: dict[str, Group] = {
             "train_tags": Choice("tagger", "original_ram"),
             "prompt_cache_size": NONNEGATIVE,
             "inference_tagger_input": Choice(*TAGGER_INPUTS),
+            "max_sequence_length": POSITIVE,
+            "representation_in_context": Bool(),
         }
     ),  # fmt: skip
     # conf/upscale.yaml with the command line's flags merged in

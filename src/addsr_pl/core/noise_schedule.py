@@ -84,6 +84,11 @@ class NoiseSchedule(ABC, nn.Module):
         """The timestep the network is fed for the schedule's t."""
 
     @abstractmethod
+    def from_ddpm(self, t: Tensor) -> Tensor:
+        """The schedule's timesteps for DDPM integer timesteps (the config's `student_timesteps` and
+        `teacher_timestep_range` are DDPM's, the paper's): the same timesteps, or their equal-SNR form."""
+
+    @abstractmethod
     def student_timesteps(self, n: int) -> list:
         """The default student timesteps of an n-step sampler, strictly decreasing."""
 
@@ -155,6 +160,9 @@ class DDPMSchedule(NoiseSchedule):
     def model_timestep(self, t: Tensor) -> Tensor:
         return t
 
+    def from_ddpm(self, t: Tensor) -> Tensor:
+        return t
+
     def student_timesteps(self, n: int) -> list[int]:
         return ddpm_student_timesteps(n, self.num_train_timesteps)
 
@@ -220,6 +228,11 @@ class RectifiedFlowSchedule(NoiseSchedule):
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return t * self.num_train_timesteps
+
+    def from_ddpm(self, t: Tensor) -> Tensor:
+        """sigma at the SNR of the reference schedule's alpha_bar_t, shifted by `shift`; float32."""
+        alpha_bar = self.reference_alphas_cumprod.to(t.device)[t.long()]
+        return time_shift(equal_snr_sigma(alpha_bar), self.shift).float()
 
     def student_timesteps(self, n: int) -> list[float]:
         """The DDPM defaults (`ddpm_student_timesteps` of the reference schedule) at equal SNR, shifted by

@@ -50,6 +50,15 @@ class Denoiser(nn.Module):
         self.controlnet = controlnet
         self.conditioning_scale = conditioning_scale
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks by component name (a student folder's subfolders)."""
+        return {"unet": self.unet, "controlnet": self.controlnet}
+
+    @property
+    def downsampling(self) -> int:
+        """Latent cells per cell of the UNet's coarsest level: latent sizes must be multiples of it."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def forward(self, z_t: Tensor, t: Tensor, control_image: Tensor, conditioning: Conditioning) -> Tensor:
         # the noisy latent is kept in fp32 (Eq. 1); the networks take it in their input layer's dtype
         z_t = z_t.to(self.unet.conv_in.weight.dtype)

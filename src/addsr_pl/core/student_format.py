@@ -22,14 +22,30 @@ FORMAT_VERSION = 2
 # component -> the classes it may be, by name (`inference.student.CLASSES` maps each name to its class)
 COMPONENT_CLASSES = {
     "unet": ("UNet2DConditionModel", "SeeSRUNet2DConditionModel"),
-    "controlnet": ("ControlNetModel", "SeeSRControlNetModel"),
+    "transformer": ("SD3Transformer2DModel",),
+    "controlnet": ("ControlNetModel", "SeeSRControlNetModel", "SD3ControlNetModel"),
     "vae": ("AutoencoderKL", "PixelUnshuffleCodec"),
-    "text_encoder": ("CLIPTextModel",),
+    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "text_encoder_3": ("T5EncoderModel",),
     "tokenizer": ("CLIPTokenizer",),
-    "scheduler": ("DDPMScheduler", "DDIMScheduler"),
+    "tokenizer_2": ("CLIPTokenizer",),
+    "tokenizer_3": ("CLIPTokenizer", "T5TokenizerFast"),
+    "scheduler": ("DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"),
+    "reference_scheduler": ("DDPMScheduler",),
     "psr_decoder": ("AutoencoderTiny",),
 }
-REQUIRED_COMPONENTS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The components a student of each backbone (`models.backbones`) names; a manifest without `backbone`
+# is SD2's (every student written before there were others).
+BACKBONE_COMPONENTS = {
+    "sd2": ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sd3": ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+            "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "reference_scheduler"),
+    "sdxl": ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+             "scheduler"),
+}  # fmt: skip
+DEFAULT_BACKBONE = "sd2"
+REQUIRED_COMPONENTS = BACKBONE_COMPONENTS[DEFAULT_BACKBONE]
 
 
 class StudentFolderError(ValueError):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
+from addsr_pl.core.noise_schedule import NoiseSchedule
 from addsr_pl.core.sampler import NOISE_DRAWS, START_LATENTS, Denoiser, StudentStep, sample_student, upscale
-from addsr_pl.core.student_format import StudentFolderError
+from addsr_pl.core.student_format import DEFAULT_BACKBONE, StudentFolderError
 from addsr_pl.inference.speed import (
     SamplerGraphs,
     SpeedSettings,
@@ -29,6 +29,7 @@ from addsr_pl.inference.student import (
     tagger_resolver,
 )
 from addsr_pl.inference.tiling import TiledDenoiser, TiledVaeCodec, plan_tiling
+from addsr_pl.models.backbones import backbone
 from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.vae import VaeCodec
 
@@ -77,8 +78,8 @@ class AddSRPipeline:
         self.psr = psr
         self.psr_weight = psr_weight
         self.scale = scale
-        # Output sizes are padded to a multiple of this: the VAE factor times the UNet's downsampling.
-        self.unet_downsampling = 2 ** (len(denoiser.unet.config.block_out_channels) - 1)
+        # Output sizes are padded to a multiple of this: the VAE factor times the denoiser's downsampling.
+        self.unet_downsampling = denoiser.downsampling
         self.size_multiple = codec.scale_factor * self.unet_downsampling
         self.latent_channels = codec.latent_channels
         self.plan = None  # the TilingPlan of a pipeline made by `with_tiling`
@@ -438,7 +439,7 @@ class AddSRPipeline:
         `torch.compile` and/or CUDA graphs used by `__call__`. Changes the pipeline in place."""
         device = torch.device(device)
         self.to(device, speed.dtype(device))
-        convolutional = [self.denoiser.unet, self.denoiser.controlnet, self.codec.vae]
+        convolutional = [*self.denoiser.networks().values(), self.codec.vae]
         apply_memory_format(convolutional + ([self.psr_decoder] if self.psr_decoder is not None else []),
                             speed.channels_last)  # fmt: skip
         apply_tf32(device, speed.tf32)
@@ -485,8 +486,9 @@ class AddSRPipeline:
         check_tagger(manifest_file, manifest["conditioning"], weights_dir)
         parts = {name: load_component(name, *where) for name, where in located.items()}
         sampler = manifest["sampler"]
+        family = backbone(manifest.get("backbone", DEFAULT_BACKBONE))
         try:
-            noise_schedule = noise_schedule_from(parts["scheduler"], "student")
+            noise_schedule = family.noise_schedule(parts, "student")
         except ValueError as error:
             raise StudentFolderError(f"{manifest_file}: {error}") from None
         try:
@@ -501,12 +503,8 @@ class AddSRPipeline:
 
             psr_decoder = PsrDecoder(parts["psr_decoder"]).eval()
         try:
-            conditioner = Conditioner.from_config(
-                parts["text_encoder"],
-                parts["tokenizer"],
-                parts["unet"],
-                manifest["conditioning"],
-                resolve=tagger_resolver(manifest_file, weights_dir),
+            conditioner = family.conditioner(
+                parts, manifest["conditioning"], resolve=tagger_resolver(manifest_file, weights_dir)
             ).eval()
         except StudentFolderError:
             raise
@@ -514,9 +512,11 @@ class AddSRPipeline:
             raise StudentFolderError(
                 f"{manifest_file}: cannot build the tagger ({first_line(error)})"
             ) from None
+        codec = VaeCodec(parts["vae"]).eval()
+        networks = {name: parts[name] for name in family.networks}
         pipeline = cls(
-            Denoiser(parts["unet"], parts["controlnet"], sampler["conditioning_scale"]).eval(),
-            VaeCodec(parts["vae"]).eval(),
+            family.denoiser(networks, codec, sampler["conditioning_scale"]).eval(),
+            codec,
             conditioner,
             noise_schedule,
             sampler["student_timesteps"],

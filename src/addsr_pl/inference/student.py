@@ -27,16 +27,18 @@ from addsr_pl.config import (
     Group,
     Int,
     ListOf,
+    OneOf,
     Optional,
     Str,
 )
 from addsr_pl.config import SCHEMA as CONFIG_SCHEMA
 from addsr_pl.core.student_format import (
+    BACKBONE_COMPONENTS,
     COMPONENT_CLASSES,
+    DEFAULT_BACKBONE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    REQUIRED_COMPONENTS,
     StudentFolderError,
 )
 
@@ -47,7 +49,8 @@ FIX = (
 )
 
 SAMPLER = Group({
-    "student_timesteps": ListOf(TIMESTEP),  # order: checked below
+    # DDPM integers or rectified-flow sigmas; order: checked below, range: by the schedule
+    "student_timesteps": OneOf(ListOf(TIMESTEP), ListOf(Float(0, 1))),
     "conditioning_scale": Float(0),
     "psr": Bool(),
     "psr_weight": PROBABILITY,
@@ -55,6 +58,7 @@ SAMPLER = Group({
 TOP_LEVEL = Group({
     "format": Str(),
     "version": Int(1),
+    "backbone": Str(),
     "components": Group({name: Group({"class": Str(), "path": Str(), "weights": Str(), "subfolder": Str()})
                          for name in COMPONENT_CLASSES}),
     "conditioning": CONFIG_SCHEMA["conditioning"],
@@ -82,16 +86,26 @@ def component_classes() -> dict[str, type]:
         ControlNetModel,
         DDIMScheduler,
         DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3ControlNetModel,
+        SD3Transformer2DModel,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
     from addsr_pl.models.seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
     from addsr_pl.models.vae import PixelUnshuffleCodec
 
     classes = [UNet2DConditionModel, SeeSRUNet2DConditionModel, ControlNetModel, SeeSRControlNetModel,
-               AutoencoderKL, PixelUnshuffleCodec, AutoencoderTiny, CLIPTextModel, CLIPTokenizer,
-               DDPMScheduler, DDIMScheduler]  # fmt: skip
+               SD3Transformer2DModel, SD3ControlNetModel, AutoencoderKL, PixelUnshuffleCodec, AutoencoderTiny,
+               CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, CLIPTokenizer, T5TokenizerFast,
+               DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler]  # fmt: skip
     return {cls.__name__: cls for cls in classes}
 
 
@@ -143,8 +157,11 @@ def read_manifest(folder: str | Path) -> tuple[Path, dict]:
         raise _fail(
             file, f"sampler.student_timesteps = {timesteps}: must be a non-empty, strictly decreasing list"
         )
+    backbone = manifest.get("backbone", DEFAULT_BACKBONE)
+    if backbone not in BACKBONE_COMPONENTS:
+        raise _fail(file, f"backbone = {backbone!r}: must be one of {list(BACKBONE_COMPONENTS)}")
     components = manifest["components"]
-    missing = [name for name in REQUIRED_COMPONENTS if name not in components]
+    missing = [name for name in BACKBONE_COMPONENTS[backbone] if name not in components]
     if missing:
         raise _fail(file, f"components lacks {', '.join(missing)}; re-export the student")
     for name, spec in components.items():

@@ -1,7 +1,7 @@
 """The exported student: a self-describing folder that inference loads.
 
-Layout: `addsr_student.json` names every component, its class and where it lives; the student's
-`unet/` and `controlnet/` (EMA weights, LoRA merged, fp32 safetensors) are always inside; frozen
+Layout: `addsr_student.json` names the backbone, every component, its class and where it lives; the
+student's networks (SD2: `unet/` and `controlnet/`; EMA weights, LoRA merged, fp32 safetensors) are always inside; frozen
 components that came from the weights folder (`paths.weights_dir`) are referenced relative to it, the
 others are saved beside them. The tagger's files are referenced the same way (or copied in), so the
 manifest holds no absolute path and the folder works on another machine (`core.student_format`).
@@ -89,17 +89,11 @@ def export_student(
     out.mkdir(parents=True, exist_ok=True)
     components: dict[str, dict] = {}
     with module.ema.swapped_in():
-        for name in ("unet", "controlnet"):
-            model = _plain_copy(getattr(module.student, name))
+        for name, network in module.student.networks().items():
+            model = _plain_copy(network)
             model.save_pretrained(out / name, safe_serialization=True)
             components[name] = {"class": class_name(model), "path": name}
-    frozen = {
-        "vae": module.codec.vae,
-        "text_encoder": module.conditioner.prompt_encoder.text_encoder,
-        "tokenizer": module.conditioner.prompt_encoder.tokenizer,
-        "scheduler": module.scheduler,
-    }
-    for name, component in frozen.items():
+    for name, component in module.frozen_parts.items():
         source = module.component_sources.get(name)
         reference = weights_reference(source, weights_dir) if source else None
         if reference is not None:
@@ -125,10 +119,11 @@ def export_student(
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "backbone": module.backbone.name,
         "components": components,
         "conditioning": conditioning,
         "sampler": {
-            "student_timesteps": list(module.method["student_timesteps"]),
+            "student_timesteps": module.student_timesteps.tolist(),  # the schedule's own
             "conditioning_scale": module.method["conditioning_scale"],
             **inference,
         },

@@ -9,15 +9,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
-from addsr_pl.models.trainable import TRAINABLE_SETS, official_modules
-
-# Blocks that repeat through the UNet and the ControlNet: compiled one by one (regional compilation),
-# so each distinct shape is compiled once and reused by its repeats.
-REPEATED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+# Blocks that repeat through the UNet (SD3: the transformer) and the ControlNet: compiled one by one
+# (regional compilation), so each distinct shape is compiled once and reused by its repeats.
+REPEATED_BLOCKS = (BasicTransformerBlock, JointTransformerBlock, ResnetBlock2D)
 
 
 MEMORY_SWITCHES = (
@@ -42,15 +40,6 @@ def check_memory_config(memory: dict) -> None:
         )
     if not isinstance(memory["compile_options"], dict):
         raise ValueError(f"method.memory.compile_options = {memory['compile_options']!r}: must be a mapping")
-
-
-def trainable_parameter_ids(unet: nn.Module, controlnet: nn.Module, trainable: str) -> set[int]:
-    """ids of the parameters that `select_trainable` will train in place (LoRA adds new ones instead)."""
-    if trainable not in TRAINABLE_SETS:
-        raise ValueError(f"method.trainable = {trainable!r}: must be one of {TRAINABLE_SETS}")
-    modules = {"official": lambda: official_modules(unet, controlnet), "controlnet": lambda: [controlnet]}
-    picked = modules.get(trainable, list)()
-    return {id(p) for module in picked for p in module.parameters()}
 
 
 def copy_sharing_frozen(model: nn.Module, trained_ids: set[int]) -> nn.Module:

@@ -12,8 +12,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from addsr_pl.core.noise_schedule import noise_schedule_from
-from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
+from addsr_pl.core.sampler import StudentStep, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
@@ -33,12 +32,11 @@ from addsr_pl.method.memory import (
     decode_in_chunks,
     enable_gradient_checkpointing,
     optimizer_options,
-    trainable_parameter_ids,
 )
 from addsr_pl.method.memory_plan import report_memory_plan
 from addsr_pl.method.nonfinite import NonFiniteGuard, step_alone, step_apart
-from addsr_pl.models.conditioning import Conditioner, Conditioning
-from addsr_pl.models.trainable import select_trainable
+from addsr_pl.models.backbones import backbone, component_parts
+from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.vae import VaeCodec
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
@@ -99,33 +97,36 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
-        self.noise_schedule = noise_schedule_from(components.scheduler, "AddSR")
-        self.scheduler = components.scheduler
+        self.backbone = backbone(components.backbone)
+        parts = component_parts(components)
+        self.noise_schedule = self.backbone.noise_schedule(parts, "AddSR")
+        # the frozen components an exported student names, and where each came from
+        self.frozen_parts = {name: parts[name] for name in self.backbone.frozen}
         self.component_sources = components.sources
-        self.register_buffer("student_timesteps", torch.tensor(method["student_timesteps"]), persistent=False)
-        self.codec = VaeCodec(components.vae)
-        self.conditioner = Conditioner.from_config(
-            components.text_encoder, components.tokenizer, components.unet, conditioning
+        # the config's timesteps are DDPM's (the paper's); the schedule's own form is used from here on
+        ddpm_timesteps = torch.tensor(method["student_timesteps"])
+        self.register_buffer(
+            "student_timesteps", self.noise_schedule.from_ddpm(ddpm_timesteps), persistent=False
         )
-        self.teacher = Denoiser(components.unet, components.controlnet, method["conditioning_scale"])
+        self.codec = VaeCodec(components.vae)
+        self.conditioner = self.backbone.conditioner(parts, conditioning)
+        networks = {name: parts[name] for name in self.backbone.networks}
+        self.teacher = self.backbone.denoiser(networks, self.codec, method["conditioning_scale"])
         memory = method["memory"]
         check_memory_config(memory)
         trained = (
-            trainable_parameter_ids(components.unet, components.controlnet, method["trainable"])
+            self.backbone.trained_parameter_ids(networks, method["trainable"])
             if memory["share_frozen_weights"]
             else {id(p) for p in self.teacher.parameters()}
         )
-        self.student = Denoiser(
-            copy_sharing_frozen(components.unet, trained),
-            copy_sharing_frozen(components.controlnet, trained),
-            method["conditioning_scale"],
-        )
+        student_networks = {name: copy_sharing_frozen(net, trained) for name, net in networks.items()}
+        self.student = self.backbone.denoiser(student_networks, self.codec, method["conditioning_scale"])
         self.discriminator = instantiate(model["discriminator"], _convert_="all")
         for frozen in (self.teacher, self.codec, self.conditioner):
             frozen.requires_grad_(False).eval()
-        select_trainable(self.student.unet, self.student.controlnet, method["trainable"], method["lora"])
+        self.backbone.select_trainable(student_networks, method["trainable"], method["lora"])
         if memory["gradient_checkpointing"]:
-            enable_gradient_checkpointing(self.student.unet, self.student.controlnet)
+            enable_gradient_checkpointing(*student_networks.values())
         # a lossless codec has no activations to recompute
         if memory["vae_gradient_checkpointing"] and not self.codec.lossless:
             enable_gradient_checkpointing(self.codec.vae)
@@ -152,7 +153,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         dtype = PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
         self.cast_frozen(dtype)
         if self.method["memory"]["compile_student"]:
-            for model in (self.student.unet, self.student.controlnet):
+            for model in self.student.networks().values():
                 compile_repeated_blocks(model, **self.method["memory"]["compile_options"])
         report_memory_plan(self)
 
@@ -244,7 +245,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         x0 = unroll.graded.x0_latent.detach()
         b = x0.shape[0]
         low, high = m["teacher_timestep_range"]
-        t = torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
+        t = self.noise_schedule.from_ddpm(
+            torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
+        )
         z_t = self.noise_schedule.add_noise(
             x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t
         )
@@ -439,7 +442,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.codec,
             self.conditioner,
             self.noise_schedule,
-            m["student_timesteps"],
+            self.student_timesteps.tolist(),
             m["psr"],
             m["inference_psr_weight"],
             scale,

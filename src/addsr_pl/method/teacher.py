@@ -70,6 +70,11 @@ class TeacherModule(TrainedStateCheckpoint, pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             components = instantiate(model["components"], _convert_="all")
+        if components.backbone != "sd2":
+            raise ValueError(
+                f"stage=teacher trains SD2 / SeeSR teachers; model={components.backbone} has none here: give "
+                "a trained teacher's folders (model.components.*_path) to stage=addsr"
+            )
         self.noise_schedule = noise_schedule_from(components.scheduler, "teacher")
         self.codec = VaeCodec(components.vae)
         self.conditioner = Conditioner.from_config(

@@ -117,17 +117,14 @@ class PromptEncoder(nn.Module):
                 found[text] = self._cache[key]
         missing = [text for text in dict.fromkeys(texts) if text not in found]
         if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            for text, embeds in zip(missing, self.encode_ids(ids)):
+            for text, embeds in zip(missing, self.embed(missing, device)):
                 found[text] = embeds
                 self._remember((text, str(device), dtype), embeds)
         return torch.stack([found[text] for text in texts])
+
+    def embed(self, texts: list[str], device: torch.device) -> Tensor:
+        """[len(texts), L, D]: the text encoder's last hidden state, in one batched call (no cache)."""
+        return self.encode_ids(tokenize(self.tokenizer, texts, self.tokenizer.model_max_length, device))
 
     @torch.no_grad()
     def encode_ids(self, ids: Tensor) -> Tensor:
@@ -144,6 +141,13 @@ class PromptEncoder(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> Tensor:
+    """Token ids of `texts`, padded and truncated to `max_length`, on `device`."""
+    return tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
 
 
 PROMPT_SOURCES = ("fixed", "manual", "tags", "none")
@@ -218,6 +222,21 @@ def build_tagger(spec: dict, resolve: Callable[[object, str], object] | None = N
     return _build(kind, arguments)
 
 
+def prompt_options(conditioning: dict) -> dict:
+    """`PromptEncoder`'s text options from a `conditioning` config group."""
+    options = {
+        "prompt": conditioning["prompt"],
+        "positive_prompt": conditioning["positive_prompt"],
+        "negative_prompt": conditioning["negative_prompt"],
+        "prompt_join": conditioning.get("prompt_join", "clean"),
+        "train_positive_prompt": conditioning.get("train_positive_prompt", True),
+    }
+    # students exported before the cache was bounded carry no size: the encoder's default
+    if "prompt_cache_size" in conditioning:
+        options["cache_size"] = conditioning["prompt_cache_size"]
+    return options
+
+
 class Conditioner(nn.Module):
     """Prompt text and representation of a batch of images in [0, 1].
 
@@ -271,6 +290,8 @@ class Conditioner(nn.Module):
 
     def _build_prompt_ids(self) -> PromptIds | None:
         encoder = self.prompt_encoder
+        if type(encoder).embed is not PromptEncoder.embed:
+            return None  # several tokenizers and text encoders (SD3, SDXL): their prompts go through strings
         tags, separator = None, PART_SEPARATOR
         if encoder.prompt == "tags":
             if not hasattr(self.tagger, "tag_mask"):
@@ -301,6 +322,18 @@ class Conditioner(nn.Module):
         kinds (`build_tagger`; `resolve` finds its files)."""
         from addsr_pl.models.trainable import has_image_attention
 
+        prompt_encoder = PromptEncoder(text_encoder, tokenizer, **prompt_options(conditioning))
+        return cls.with_prompt_encoder(prompt_encoder, has_image_attention(unet), conditioning, resolve)
+
+    @classmethod
+    def with_prompt_encoder(
+        cls,
+        prompt_encoder: PromptEncoder,
+        use_representation: bool,
+        conditioning: dict,
+        resolve: Callable[[object, str], object] | None = None,
+    ) -> Conditioner:
+        """The conditioner of a `conditioning` config group around a backbone's prompt encoder."""
         spec = conditioning.get("tagger")
         tagger = build_tagger(spec, resolve) if spec else None
         # train_tags: tagger (the same tags as at inference) | original_ram (that RAM without DAPE)
@@ -310,25 +343,10 @@ class Conditioner(nn.Module):
         train_tagger = None
         if train_tags == "original_ram" and spec and spec.get("dape") is not None:
             train_tagger = build_tagger({**spec, "dape": None}, resolve)
-        prompt_encoder = PromptEncoder(
-            text_encoder,
-            tokenizer,
-            conditioning["prompt"],
-            conditioning["positive_prompt"],
-            conditioning["negative_prompt"],
-            conditioning.get("prompt_join", "clean"),
-            conditioning.get("train_positive_prompt", True),
-            # students exported before the cache was bounded carry no size: the encoder's default
-            **(
-                {"cache_size": conditioning["prompt_cache_size"]}
-                if "prompt_cache_size" in conditioning
-                else {}
-            ),
-        )
         return cls(
             prompt_encoder,
             tagger,
-            has_image_attention(unet),
+            use_representation,
             conditioning.get("manual_prompt", ""),
             train_tagger,
             conditioning.get("inference_tagger_input", "upscaled"),

@@ -96,6 +96,7 @@ class DiffusionComponents:
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler
     sources: dict[str, str | None] = field(default_factory=dict)
+    backbone: str = "sd2"  # `models.backbones`
 
 
 def require_file(path: str | Path, what: str, key: str) -> Path:

@@ -1,8 +1,7 @@
-"""Which student weights AddSR trains; everything else is frozen."""
+"""Which student weights AddSR trains (SD2's sets; `models.backbones` selects them); everything else is frozen."""
 
 from __future__ import annotations
 
-from peft import LoraConfig
 from torch import nn
 
 TRAINABLE_SETS = ("official", "controlnet", "lora")
@@ -22,28 +21,6 @@ def official_modules(unet: nn.Module, controlnet: nn.Module) -> list[nn.Module]:
     else:
         picked += [m for n, m in controlnet.named_modules() if n.endswith(".attentions")]
     return [*picked, controlnet.controlnet_cond_embedding]
-
-
-def select_trainable(unet: nn.Module, controlnet: nn.Module, trainable: str, lora: dict) -> None:
-    """Freeze the student, then unfreeze (or add, for LoRA) the configured trainable set."""
-    if trainable not in TRAINABLE_SETS:
-        raise ValueError(f"method.trainable = {trainable!r}: must be one of {TRAINABLE_SETS}")
-    unet.requires_grad_(False)
-    controlnet.requires_grad_(False)
-    if trainable == "official":
-        for module in official_modules(unet, controlnet):
-            module.requires_grad_(True)
-    elif trainable == "controlnet":
-        controlnet.requires_grad_(True)
-    else:
-        config = LoraConfig(
-            r=lora["rank"],
-            lora_alpha=lora["alpha"],
-            init_lora_weights="gaussian",
-            target_modules=list(lora["target_modules"]),
-        )
-        unet.add_adapter(config)
-        controlnet.add_adapter(config)
 
 
 def merged_state_dict(model: nn.Module) -> dict:
