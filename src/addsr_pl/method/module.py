@@ -329,8 +329,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         g_cpu, g_dev = self.generators()
         last_micro = (self.micro_step + 1) % self.method["accumulate_grad_batches"] == 0
         lr_up = upscale(lr, hr.shape[-2:])
-        unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
-        targets = self.teacher_targets(unroll, hr, g_dev)
+        with self.conditioner.one_pass_per_image():
+            unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
+            targets = self.teacher_targets(unroll, hr, g_dev)
         c = self.discriminator.condition(lr_up)
         undo_d = None
         if self.method["gd_order"] == "discriminator_first":
