@@ -194,7 +194,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         k, start = sample_unroll(
             torch.tensor(m["unroll_probs"], dtype=torch.float), n, hr.shape[0], m["unroll_start"], g_cpu
         )
-        index = (start.unsqueeze(1) + torch.arange(k)).to(self.device)
+        index = (start.unsqueeze(1) + torch.arange(k)).to(self.device, non_blocking=True)
         timesteps = self.student_timesteps[index]
         blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
         prompt_source = {"hr": hr, "lr": lr_up}[m["student_prompt_source"]]
@@ -229,7 +229,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             grad_last=True,
             decode_last=True,
         )
-        return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank, start)
+        return Unroll(
+            steps, k, start.to(self.device, non_blocking=True), noises[-1], lr_up, text_embeds, blank, start
+        )
 
     @torch.no_grad()
     def teacher_targets(self, unroll: Unroll, hr: Tensor, g_dev: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -353,19 +355,31 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             # after this micro-step's optimizer steps, as the official loop (the iteration's earlier
             # micro-steps' updates were made by `ema_catch_up`, once the iteration was known to step)
             self.ema.update()
-        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=hr.shape[0])
-        logs["unroll_k"] = torch.tensor(float(unroll.k))
-        graded_steps = [k for k in logs if k.startswith("loss_dis_step")]
-        log_where_computed(self, {f"train/{k}": logs.pop(k) for k in graded_steps})
+        self.log_iteration(logs, unroll.k, hr.shape[0])
+
+    def logging_step(self) -> bool:
+        """Whether Lightning writes the logs at this step (`log_every_n_steps`)."""
+        return self.trainer._logger_connector.should_update_logs
+
+    def log_iteration(self, logs: dict, k: int, batch_size: int) -> None:
+        """The iteration's values to the loggers and the progress bar, given at the logging steps only:
+        a value given at another step is never written, yet giving it costs a wait for the device's queue
+        (a host number is copied to the device; a progress-bar value is read on the host at once)."""
+        if not self.logging_step():
+            return
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch_size)
+        logs["unroll_k"] = torch.tensor(float(k))
+        graded_steps = [name for name in logs if name.startswith("loss_dis_step")]
+        log_where_computed(self, {f"train/{name}": logs.pop(name) for name in graded_steps})
         self.log_dict(
-            {f"train/{k}": v.detach().float() for k, v in logs.items()},
+            {f"train/{name}": v.detach().float() for name, v in logs.items()},
             prog_bar=False,
-            batch_size=hr.shape[0],
+            batch_size=batch_size,
         )
-        self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
-        # the progress bar's short names; the logger already has them under train/
-        bar = {k: logs[k].detach().float() for k in ("loss_g", "loss_d") if k in logs}
-        self.log_dict(bar, prog_bar=True, logger=False, batch_size=hr.shape[0])
+        self.log("train/iteration", self.iteration.float(), batch_size=batch_size)
+        # the progress bar's short names; the logger has them under train/
+        bar = {name: logs[name].detach().float() for name in ("loss_g", "loss_d") if name in logs}
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch_size)
 
     def step_discriminator_first(self):
         """`gd_order: discriminator_first`: step D before the student's forward, and return how to undo
@@ -404,7 +418,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         grads = {"g": [p.grad for p in student]} | (
             {} if d_stepped else {"d": [p.grad for p in discriminator]}
         )
-        ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
+        ok = self.nonfinite.finish(self, grads)
         if ok:
             self.ema_catch_up()
         # skipped: the gradients are dropped, so the steps move nothing but the step counters
@@ -495,9 +509,10 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         grads = [p for p in params if p.grad is not None]
         if not grads:
             return
-        if clip:
-            norm = torch.nn.utils.clip_grad_norm_(grads, clip)
-        else:
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip) if clip else None
+        if not self.logging_step():
+            return  # see `log_iteration`
+        if norm is None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
         self.log(f"train/grad_norm_{which}", norm.float())
         self.log(f"train/lr_{which}", optimizer.param_groups[0]["lr"])

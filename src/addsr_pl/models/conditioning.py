@@ -305,10 +305,10 @@ class Conditioner(nn.Module):
 
     @contextmanager
     def one_pass_per_image(self) -> Iterator[None]:
-        """Within it, a tagger runs once per images tensor: the tags of a text and the representation of
-        the same tensor (the same object, unmodified) come from one forward, as `condition` gives them at
-        inference. A training iteration tags the student's and the teacher's prompt sources and represents
-        the same images again; with this, RAM's image encoder runs once per distinct image batch."""
+        """Within it, a tagger runs once per images tensor: images tagged for a prompt (the same tensor
+        object, unmodified) give their representation from that forward, as `condition` does at inference.
+        A training iteration tags the student's and the teacher's prompt sources and then represents the
+        same images; with this, RAM's image encoder runs once per distinct image batch."""
         self._passes = {}
         try:
             yield
@@ -367,6 +367,9 @@ class Conditioner(nn.Module):
     def represent(self, images: Tensor) -> Tensor | None:
         if not self.use_representation:
             return None
-        if self._passes is not None and self.prompt_encoder.prompt == "tags":
-            return self._tagged(self.tagger, images).representation  # the tags may be asked for too
+        tagged = (
+            None if self._passes is None else self._passes.get((id(self.tagger), id(images), images._version))
+        )
+        if tagged is not None:  # these images were tagged for a prompt in this pass
+            return tagged[1].representation
         return self.tagger.representation(images)

@@ -638,7 +638,8 @@ class RAMTagger(nn.Module):
             return self.ram.image_embeds(self.preprocess(images)).float()
 
     def tags_from_logits(self, logits: Tensor) -> list[str]:
-        on = torch.sigmoid(logits.float()) > self.class_thresholds
+        # thresholds in fp32 on the device; the [B, classes] decision comes to the host in one copy
+        on = (torch.sigmoid(logits.float()) > self.class_thresholds).cpu()
         return [
             self.tag_separator.join(self.tag_list[i] for i in row.nonzero().flatten().tolist()) for row in on
         ]
