@@ -103,7 +103,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         self.scheduler = components.scheduler
         self.component_sources = components.sources
         self.register_buffer("student_timesteps", torch.tensor(method["student_timesteps"]), persistent=False)
-        self.codec = VaeCodec(components.vae)
+        self.codec = VaeCodec(components.vae, method["memory"]["vae_outside_autocast"])
         self.conditioner = Conditioner.from_config(
             components.text_encoder, components.tokenizer, components.unet, conditioning
         )
