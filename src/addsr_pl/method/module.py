@@ -17,6 +17,7 @@ from addsr_pl.core.sampler import Denoiser, StudentStep, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
+from addsr_pl.method.distributed import SyncedParts
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import (
     discriminator_hinge_loss,
@@ -96,6 +97,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         self.micro_step = 0
         # `fault.nan_loss_at_iteration` sets `nonfinite.inject_at_iteration` (addsr_pl.train)
         self.nonfinite = NonFiniteGuard(method["max_consecutive_nonfinite"])
+        # under DDP, the student's and the discriminator's own wrappers (`wrap_for_ddp`); not submodules
+        self.synced = SyncedParts()
+        self.allreduced_bytes = 0  # by the last iteration
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
@@ -214,7 +218,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
                 )
             )
         steps = sample_student(
-            self.student,
+            self.synced.get(self.student),
             self.codec,
             lr_up=lr_up,
             text_embeds=text_embeds,
@@ -311,11 +315,15 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         with self.toggled_optimizer(opt_d):
             x0_image = unroll.graded.x0_image.detach()
             if self.method["memory"]["discriminator_batched"]:  # one backbone pass over real and fake
-                both = self.discriminator(torch.cat([hr.to(x0_image.dtype), x0_image]), c.repeat(2, 1), g_dev)
+                both = self.synced.get(self.discriminator)(
+                    torch.cat([hr.to(x0_image.dtype), x0_image]), c.repeat(2, 1), g_dev
+                )
                 real, fake = both.chunk(2)
             else:
                 real = self.discriminator(hr, c, g_dev)
-                fake = self.discriminator(x0_image, c, g_dev)
+                # through the wrapper last: DDP readies its all-reduce at the forward before the backward,
+                # which reduces the heads' gradients of both passes (each weight's, summed, arrives once)
+                fake = self.synced.get(self.discriminator)(x0_image, c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
             self.nonfinite.check_loss("loss_d", loss_d)
             self.manual_backward(loss_d / self.loss_denominator())
@@ -330,6 +338,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         hr, lr = batch["hr"], batch["lr"]
         g_cpu, g_dev = self.generators()
         last_micro = (self.micro_step + 1) % self.method["accumulate_grad_batches"] == 0
+        self.synced.sync_gradients(last_micro)  # the micro-steps before the last accumulate locally
         lr_up = upscale(lr, hr.shape[-2:])
         with self.conditioner.one_pass_per_image():
             unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
@@ -346,6 +355,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
             logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
         self.micro_step += 1
+        if last_micro:
+            self.allreduced_bytes = self.synced.count.take()
         stepped = last_micro and self.optimizer_steps(undo_d)
         if stepped:
             self.after_iteration()
@@ -377,9 +388,20 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             batch_size=batch_size,
         )
         self.log("train/iteration", self.iteration.float(), batch_size=batch_size)
+        if self.synced.wrappers:
+            self.log("train/allreduce_mib", self.allreduced_bytes / 2**20, batch_size=batch_size)
         # the progress bar's short names; the logger has them under train/
         bar = {name: logs[name].detach().float() for name in ("loss_g", "loss_d") if name in logs}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch_size)
+
+    def wrap_for_ddp(self, **ddp_kwargs) -> None:
+        """`PartsDDPStrategy`: the student and the discriminator each in their own DDP wrapper, so the
+        generator's backward reduces the student's gradients and the discriminator's its heads', every
+        trained weight getting a gradient in its backward (no unused-parameter search). Buffers are not
+        broadcast at each forward: every rank computes the same ones (the DDP wrappers sync them once)."""
+        ddp_kwargs = {"broadcast_buffers": False, **ddp_kwargs}
+        for part in (self.student, self.discriminator):
+            self.synced.wrap(part, **ddp_kwargs)
 
     def step_discriminator_first(self):
         """`gd_order: discriminator_first`: step D before the student's forward, and return how to undo
