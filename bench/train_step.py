@@ -12,11 +12,19 @@ term, a discriminator step, the optimiser steps and the EMA update.
   student a full copy of the teacher, no checkpointing, every decode at once, a per-parameter EMA and
   gradient norm, real and fake in separate discriminator passes, host reads of the logged losses.
 
+Every row prints ms/iteration, samples/s, the peak memory, the FLOP of one iteration (counted by
+`torch.utils.flop_counter` over one extra untimed iteration of the same run: checkpointing's recomputation
+included), the TFLOP/s that achieves and its share of the card's dense bf16 peak (`BF16_PEAK_TFLOPS`), and
+the hours the paper's 300K training samples would take at that rate. A name run at two or more batches also
+gets its fixed part (what an iteration costs whatever the batch: launches, host work) and its per-sample
+part, by least squares. Both rows tag exactly `TAGS_PER_IMAGE` tags per image with the random RAM.
+
 Presets: `seesr` (SD2-base-sized SeeSR UNet + ControlNet with image cross-attention, a Swin-L RAM, the
 full 23-layer text encoder, DINO ViT-S/16 + DINOv2 ViT-S/14), `sd2` (SD2-base UNet + ControlNet, fixed
 prompt), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not a measurement).
 
     python bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 --json out.json   # CUDA
+    python bench/train_step.py --preset seesr --batch 2,4 --baseline-batch 2,4              # fixed parts
     python bench/train_step.py --tiny --json out.json                                         # CPU smoke
 """
 
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import upscale
@@ -65,6 +74,23 @@ PRESETS = {
 PATHS = ["paths.cache_dir=/tmp/addsr_pl_bench", "paths.weights_dir=/tmp/addsr_pl_bench/no_weights"]
 # HR crop per preset (the LR is a quarter of it), as trained.
 CROP = {"seesr": 512, "sd2": 512, "tiny": 32}
+# RAM with random weights would pass about 2,300 of its 4,585 thresholds per image (tokenising such a prompt
+# alone takes tens of ms); real images get about this many tags, so both rows tag exactly this many.
+TAGS_PER_IMAGE = 20
+# The paper's training: 50K iterations at batch 6.
+PAPER_SAMPLES = 50_000 * 6
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a part of `torch.cuda.get_device_name`, first match
+# wins; from the vendors' data sheets (SXM parts where both exist).
+BF16_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
+]
 # Every iteration unrolls 2 student steps (k = 2, PSR), so both sides do the same work.
 WORKLOAD = ["method.unroll_probs=[0,1]"]
 
@@ -81,7 +107,9 @@ def compose_preset(preset: str, extra: list[str]) -> dict:
         for key in ("folder", "checkpoint", "tag_list", "tag_thresholds", "dape", "lora_alpha"):
             tagger.pop(key)
         n = tagger["architecture"]["num_classes"]
-        tagger |= {"tag_list": [f"tag{i}" for i in range(n)], "class_thresholds": [0.5] * n}
+        # sigmoid(logit) lies in (0, 1): above 0 always, above 1 never, so the first TAGS_PER_IMAGE are on
+        thresholds = [0.0] * TAGS_PER_IMAGE + [1.0] * (n - TAGS_PER_IMAGE)
+        tagger |= {"tag_list": [f"tag{i}" for i in range(n)], "class_thresholds": thresholds}
     return parts | {"seed": int(cfg.seed)}
 
 
@@ -121,26 +149,43 @@ def fresh_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------- ours
 class IterationTimer(pl.Callback):
-    def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup, self.times, self._start = device, warmup, [], 0.0
+    """Times the iterations after `warmup`; with `count_flops`, an extra first iteration (untimed) runs under
+    torch's FLOP counter."""
+
+    def __init__(self, device: torch.device, warmup: int, count_flops: bool):
+        self.device, self.times, self._start = device, [], 0.0
+        self.counter = FlopCounterMode(display=False) if count_flops else None
+        self.untimed = warmup + int(count_flops)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         synchronize(self.device)
+        if batch_idx == 0 and self.counter is not None:
+            self.counter.__enter__()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         synchronize(self.device)
-        if batch_idx >= self.warmup:
+        if batch_idx == 0 and self.counter is not None:
+            self.counter.__exit__(None, None, None)
+        if batch_idx >= self.untimed:
             self.times.append(time.perf_counter() - self._start)
 
+    @property
+    def flops(self) -> int | None:
+        return None if self.counter is None else self.counter.get_total_flops()
 
-def run_ours(module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
-    timer = IterationTimer(device, warmup)
+
+def run_ours(
+    module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int, count_flops: bool
+) -> tuple[list[float], int | None]:
+    """(timed iteration seconds, FLOP of one iteration or None)."""
+    timer = IterationTimer(device, warmup, count_flops)
+    total = int(count_flops) + warmup + iters
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=2 * (warmup + iters),  # a G and a D optimiser step per iteration
+        max_steps=2 * total,  # a G and a D optimiser step per iteration
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -150,10 +195,10 @@ def run_ours(module: AddSRModule, batch: int, crop: int, device, warmup: int, it
         callbacks=[timer],
     )
     loader = torch.utils.data.DataLoader(
-        RandomPairs(batch * (warmup + iters), crop), batch_size=batch, pin_memory=device.type == "cuda"
+        RandomPairs(batch * total, crop), batch_size=batch, pin_memory=device.type == "cuda"
     )
     trainer.fit(module, train_dataloaders=loader)
-    return timer.times
+    return timer.times, timer.flops
 
 
 # ----------------------------------------------------------------------------------- baseline
@@ -308,9 +353,18 @@ def optimizer_arguments(node: dict) -> dict:
     return {k: v for k, v in node.items() if not k.startswith("_")}
 
 
-def run_baseline(parts: dict, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
+def run_baseline(
+    parts: dict, batch: int, crop: int, device, warmup: int, iters: int, count_flops: bool
+) -> tuple[list[float], int | None]:
+    """(timed iteration seconds, FLOP of one iteration or None: an extra first iteration, untimed)."""
     recipe = PlainRecipe(parts, device)
     generator = torch.Generator().manual_seed(0)
+    flops = None
+    if count_flops:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            recipe.iteration(random_batch(batch, crop, device, generator))
+        flops = counter.get_total_flops()
     times = []
     for i in range(warmup + iters):
         data = random_batch(batch, crop, device, generator)
@@ -320,19 +374,55 @@ def run_baseline(parts: dict, batch: int, crop: int, device, warmup: int, iters:
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    return times, flops
 
 
 # ----------------------------------------------------------------------------------- report
-def row(name: str, batch: int, times: list[float], device) -> dict:
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak (`BF16_PEAK_TFLOPS`), None on the CPU or an unlisted card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in BF16_PEAK_TFLOPS if part in name), None)
+
+
+def row(name: str, batch: int, times: list[float], device, flops: int | None) -> dict:
+    """One row: time, throughput, peak memory, FLOP and the share of the card's bf16 peak they reach, and
+    the hours the paper's PAPER_SAMPLES would take at this throughput."""
     ms = statistics.median(times) * 1000
+    samples_per_s = batch / (ms / 1000)
+    achieved = None if flops is None else flops / (ms / 1000) / 1e12
+    peak = bf16_peak_tflops(device)
     return {
         "name": name,
         "batch": batch,
         "ms_per_iteration": ms,
-        "samples_per_s": batch / (ms / 1000),
+        "samples_per_s": samples_per_s,
         "peak_gib": peak_gib(device),
+        "tflop_per_iteration": None if flops is None else flops / 1e12,
+        "achieved_tflops": achieved,
+        "share_of_bf16_peak": None if achieved is None or peak is None else achieved / peak,
+        "paper_hours": PAPER_SAMPLES / samples_per_s / 3600,
     }
+
+
+def fixed_and_per_sample(rows: list[dict]) -> dict[str, dict]:
+    """Per row name measured at two or more batches: the least-squares line ms = fixed + per_sample x batch
+    (the part of an iteration that does not grow with the batch, and what each sample adds)."""
+    fits = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        points = [
+            (r["batch"], r["ms_per_iteration"]) for r in rows if r["name"] == name and r["ms_per_iteration"]
+        ]
+        if len({b for b, _ in points}) < 2:
+            continue
+        mean_b = statistics.fmean(b for b, _ in points)
+        mean_ms = statistics.fmean(ms for _, ms in points)
+        slope = sum((b - mean_b) * (ms - mean_ms) for b, ms in points) / sum(
+            (b - mean_b) ** 2 for b, _ in points
+        )
+        fits[name] = {"fixed_ms": mean_ms - slope * mean_b, "per_sample_ms": slope}
+    return fits
 
 
 def is_oom(error: BaseException) -> bool:
@@ -348,12 +438,19 @@ def main() -> None:
     parser.add_argument(
         "--batch", default=None, help="batches of ours, comma-separated (default 2,4,8; tiny 2)"
     )
-    parser.add_argument("--baseline-batch", type=int, default=2)
+    parser.add_argument(
+        "--baseline-batch",
+        default="2",
+        help="batches of the baseline, comma-separated (two give its fixed part)",
+    )
     parser.add_argument("--memory-cap", type=float, default=20.0, help="GiB")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; tiny 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; tiny 2)")
     parser.add_argument("--compile", action="store_true", help="ours with method.memory.compile_student=true")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--no-flops", action="store_true", help="skip the FLOP count (one extra untimed iteration per row)"
+    )
     parser.add_argument(
         "--plan-only", action="store_true", help="build ours, print the static memory plan, run nothing"
     )
@@ -372,12 +469,17 @@ def main() -> None:
         print_plan(preset, args, device)
         return
     print(f"preset {preset}, {crop}px HR crops, on {device}{note}", flush=True)
+    # the counter is a dispatch mode: compiled regions would run under it uncompiled, so none is counted
+    count_flops = not args.no_flops and not args.compile
     rows = []
     if not args.no_baseline:
-        fresh_peak(device)
-        times = run_baseline(compose_preset(preset, []), args.baseline_batch, crop, device, warmup, iters)
-        rows.append(row("baseline", args.baseline_batch, times, device))
-        print_row(rows[-1])
+        for batch in [int(b) for b in args.baseline_batch.split(",")]:
+            fresh_peak(device)
+            times, flops = run_baseline(
+                compose_preset(preset, []), batch, crop, device, warmup, iters, count_flops
+            )
+            rows.append(row("baseline", batch, times, device, flops))
+            print_row(rows[-1])
         fresh_peak(device)
 
     overrides = [*args.overrides, *(["method.memory.compile_student=true"] if args.compile else [])]
@@ -389,7 +491,7 @@ def main() -> None:
         fresh_peak(device)
         try:
             start = time.perf_counter()
-            times = run_ours(module, batch, crop, device, warmup, iters)
+            times, flops = run_ours(module, batch, crop, device, warmup, iters, count_flops)
             if args.compile and compile_s is None:  # the warmup iterations hold the compilation
                 compile_s = time.perf_counter() - start - sum(times)
         except RuntimeError as error:
@@ -407,7 +509,7 @@ def main() -> None:
             )
             print(f"ours      batch {batch}: out of memory")
             break
-        rows.append(row("ours", batch, times, device))
+        rows.append(row("ours", batch, times, device, flops))
         print_row(rows[-1])
     plan = module_memory_plan(module, capacity)
     print(plan.table())
@@ -419,7 +521,15 @@ def main() -> None:
             print(f"ours      batch {r['batch']}: peak above the static plan {per_sample:.2f} GiB per sample")
     fits = [r for r in ours if r["peak_gib"] is None or r["peak_gib"] <= args.memory_cap]
     best = max(fits, key=lambda r: r["samples_per_s"], default=None)
-    baseline = next((r for r in rows if r["name"] == "baseline"), None)
+    baseline = max(
+        (
+            r
+            for r in rows
+            if r["name"] == "baseline" and (r["peak_gib"] is None or r["peak_gib"] <= args.memory_cap)
+        ),
+        key=lambda r: r["samples_per_s"],
+        default=None,
+    )
     ratio = best["samples_per_s"] / baseline["samples_per_s"] if best and baseline else None
     largest = max((r["batch"] for r in fits), default=None)
     cap_note = " (peak not measured on the CPU)" if device.type == "cpu" else ""
@@ -430,6 +540,12 @@ def main() -> None:
         )
     if compile_s is not None:
         print(f"compile time (warmup minus timed iterations): {compile_s:.1f} s")
+    fits_by_name = fixed_and_per_sample(rows)
+    for name, fit in fits_by_name.items():
+        print(
+            f"{name:<9} fixed {fit['fixed_ms']:.1f} ms per iteration + {fit['per_sample_ms']:.1f} ms per sample "
+            "(least squares over its batches)"
+        )
     result = {
         "preset": preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -437,6 +553,9 @@ def main() -> None:
         "ratio_samples_per_s": ratio,
         "largest_batch_under_cap": largest,
         "memory_plan": plan.as_dict(),
+        "fixed_and_per_sample": fits_by_name,
+        "bf16_peak_tflops": bf16_peak_tflops(device),
+        "paper_samples": PAPER_SAMPLES,
     }
     if compile_s is not None:
         result["compile_s"] = compile_s
@@ -461,9 +580,17 @@ def print_plan(preset: str, args, device: torch.device) -> None:
 
 def print_row(r: dict) -> None:
     peak = "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+    flops = "FLOP not counted"
+    if r["tflop_per_iteration"] is not None:
+        share = "n/a" if r["share_of_bf16_peak"] is None else f"{100 * r['share_of_bf16_peak']:.1f} %"
+        flops = (
+            f"{r['tflop_per_iteration']:.4g} TFLOP/iteration, {r['achieved_tflops']:.4g} TFLOP/s achieved, "
+            f"{share} of the card's bf16 peak"
+        )
     print(
         f"{r['name']:<9} batch {r['batch']}: {r['ms_per_iteration']:.1f} ms/iteration, "
-        f"{r['samples_per_s']:.2f} samples/s, peak {peak} GiB",
+        f"{r['samples_per_s']:.2f} samples/s, peak {peak} GiB, {flops}, "
+        f"{r['paper_hours']:.1f} h for the paper's {PAPER_SAMPLES:,} samples",
         flush=True,
     )
 

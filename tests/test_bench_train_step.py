@@ -27,6 +27,12 @@ def test_the_tiny_smoke_run_prints_and_writes_the_baseline_and_our_rows(tmp_path
     for r in result["rows"]:
         assert r["samples_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_iteration"])
         assert r["peak_gib"] is None  # not measured on the CPU
+        # counted over one extra iteration: a training iteration of the tiny preset is tens of MFLOP
+        assert 1e-5 < r["tflop_per_iteration"] < 1e-1
+        assert r["achieved_tflops"] == pytest.approx(r["tflop_per_iteration"] * 1000 / r["ms_per_iteration"])
+        assert r["share_of_bf16_peak"] is None  # no card
+        assert r["paper_hours"] == pytest.approx(300_000 / r["samples_per_s"] / 3600)
+    assert "TFLOP/iteration" in run.stdout and "h for the paper's 300,000 samples" in run.stdout
     assert result["ratio_samples_per_s"] == pytest.approx(
         result["rows"][1]["samples_per_s"] / result["rows"][0]["samples_per_s"]
     )
@@ -51,3 +57,21 @@ def test_the_plan_only_run_gives_the_seesr_size_counts_without_allocating_weight
     assert rows["teacher UNet + ControlNet"]["params_m"] == pytest.approx(1126.8 + 489.0, abs=0.1)
     assert rows["student (frozen, own)"]["params_m"] == 0
     assert rows["tagger"]["params_m"] == pytest.approx(212.1, abs=0.05)
+
+
+def test_the_fixed_and_per_sample_parts_are_the_least_squares_line_over_batches():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from train_step import fixed_and_per_sample
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    rows = [
+        {"name": "ours", "batch": 2, "ms_per_iteration": 940 + 2 * 210},
+        {"name": "ours", "batch": 4, "ms_per_iteration": 940 + 4 * 210},
+        {"name": "ours", "batch": 8, "ms_per_iteration": 940 + 8 * 210},
+        {"name": "baseline", "batch": 2, "ms_per_iteration": 1085},
+    ]
+    fits = fixed_and_per_sample(rows)
+    assert set(fits) == {"ours"}  # one batch gives no line
+    assert fits["ours"]["fixed_ms"] == pytest.approx(940)
+    assert fits["ours"]["per_sample_ms"] == pytest.approx(210)

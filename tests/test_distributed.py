@@ -150,3 +150,28 @@ def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit
     assert not group_alive(proc.pid), "a rank outlived the launcher"
     assert "SIGTERM received outside the training loop; stopping." in out
     assert not (run / "student").exists() and not (run / "run.lock").exists()
+
+
+def test_each_optimizer_step_all_reduces_the_trained_gradients_once(tmp_path, cache_dir):
+    """The student's and the discriminator's DDP wrappers: per iteration of 2 accumulated micro-steps, the
+    bytes through the all-reduce (counted by the communication hook, logged as train/allreduce_mib) are
+    those of the trained weights' fp32 gradients, once; no frozen weight is reduced."""
+    from addsr_pl.method.module import AddSRModule
+
+    from conftest import compose_train, to_dicts
+
+    run = tmp_path / "run"
+    proc = start([*ddp_args(run, cache_dir), "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                  "method.accumulate_grad_batches=2"])  # fmt: skip
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    module = AddSRModule(**to_dicts(compose_train(tmp_path / "compose", [], cache_dir)))
+    trained = sum(p.numel() for _, p in module.student_trainable()) + sum(
+        p.numel() for _, p in module.discriminator_trainable()
+    )
+    rows = [line.split(",") for line in (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()]
+    column, iteration = rows[0].index("train/allreduce_mib"), rows[0].index("train/iteration")
+    logged = [(float(r[iteration]), float(r[column])) for r in rows[1:] if r[column]]
+    after_an_iteration = [mib for it, mib in logged if it >= 1]
+    assert len(after_an_iteration) >= 2
+    assert after_an_iteration == pytest.approx([trained * 4 / 2**20] * len(after_an_iteration), rel=1e-9)

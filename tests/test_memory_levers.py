@@ -342,3 +342,27 @@ def test_the_plan_is_printed_and_logged_with_the_hyperparameters_at_start_up(mak
     logged = logger.experiment.hparams["memory_plan"]
     assert logged["device_gib"] == pytest.approx(plan.device_gib)
     assert [c["name"] for c in logged["components"]] == [c.name for c in plan.components]
+
+
+@pytest.mark.parametrize("outside", [True, False])
+def test_the_frozen_vae_runs_in_its_weights_dtype_outside_autocast(make_cfg, sample_pair, outside):
+    """Under bf16 autocast (CUDA runs GroupNorm in fp32 there) the VAE's GroupNorms see bf16 inputs with
+    autocast off; the decoded images stay within bf16's resolution of the autocast decode."""
+    module = build(make_cfg, [f"method.memory.vae_outside_autocast={str(outside).lower()}"])
+    module.cast_frozen(torch.bfloat16)
+    seen = []
+    for norm in [m for m in module.codec.vae.modules() if isinstance(m, torch.nn.GroupNorm)]:
+        norm.register_forward_pre_hook(
+            lambda _, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu")))
+        )
+    hr, _ = sample_pair
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        latent = module.codec.encode(hr)
+        image = module.codec.decode(latent)
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)
+    assert {enabled for _, enabled in seen} == {not outside}
+    assert latent.dtype == torch.bfloat16 and image.dtype == torch.float32
+    module.codec.outside_autocast = not outside
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        other = module.codec.decode(latent)
+    torch.testing.assert_close(image, other, atol=0.05, rtol=0)

@@ -1,5 +1,7 @@
 """AddSRModule's boxes of Fig. 2 on the tiny model: PSR, teacher conditioning, trainable set."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -112,3 +114,41 @@ def test_trainable_set(make_cfg, trainable, expect):
     assert not any(p.requires_grad for p in module.codec.parameters())
     assert not any(p.requires_grad for p in module.discriminator.backbone.parameters())
     assert all(p.requires_grad for p in module.discriminator.heads.parameters())
+
+
+@pytest.mark.parametrize("passes", [None, "one_pass_per_image"])
+def test_an_iteration_runs_rams_image_encoder_once_per_distinct_image_batch(make_cfg, sample_pair, passes):
+    """k = 2 with PSR, tag prompts from the upscaled LR, the HR-conditioned teacher: RAM sees the upscaled
+    LR (the student's tags and step 1's representation), step 2's control image and the HR (the teacher's
+    tags and representation): three encoder passes, where tagging and representing apart would take five."""
+    import pytorch_lightning as pl
+
+    module = build(
+        make_cfg,
+        [
+            "model=tiny_seesr",
+            "conditioning=tiny_ram",
+            "method.unroll_probs=[0,1]",
+            "method.unroll_start=first",
+        ],
+    )
+    assert (
+        module.conditioner.prompt_encoder.prompt == "tags" and module.method["student_prompt_source"] == "lr"
+    )
+    calls = []
+    module.conditioner.tagger.ram.visual_encoder.register_forward_hook(lambda *_: calls.append(1))
+    hr, lr = sample_pair
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,  # one iteration: a G and a D optimizer step
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    if passes is None:  # what the iteration's conditioning costs without the shared passes
+        module.conditioner.one_pass_per_image = contextlib.nullcontext
+    trainer.fit(module, torch.utils.data.DataLoader([{"hr": hr[0], "lr": lr[0]}], batch_size=1))
+    assert int(module.iteration) == 1
+    assert len(calls) == (5 if passes is None else 3)

@@ -120,8 +120,11 @@ class Preemption(pl.Callback):
         accumulate = (getattr(pl_module, "method", None) or {}).get("accumulate_grad_batches", 1)
         if getattr(pl_module, "micro_step", 0) % accumulate:
             return  # inside an accumulated iteration (same on every rank): wait for its end
-        received = torch.tensor(float(self.received), device=pl_module.device)
-        signum = int(trainer.strategy.reduce(received, reduce_op="max"))
+        if trainer.world_size == 1:
+            signum = self.received  # no other rank to agree with: no device round trip
+        else:
+            received = torch.tensor(float(self.received), device=pl_module.device)
+            signum = int(trainer.strategy.reduce(received, reduce_op="max"))
         if not signum:
             return
         name = signal.Signals(signum).name
@@ -206,6 +209,8 @@ class BadFileCount(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "bad_files"):
             return
+        if not trainer._logger_connector.should_update_logs:
+            return  # a running count: written at the logging steps, with no device copy in between
         count = torch.tensor(float(len(datamodule.bad_files)), device=pl_module.device)
         pl_module.log("train/bad_files_skipped", count, batch_size=1, sync_dist=True, reduce_fx="sum")
 

@@ -575,6 +575,7 @@ SCHEMA: dict[str, Group] = {
                     "share_frozen_weights": Bool(),
                     "gradient_checkpointing": Bool(),
                     "vae_gradient_checkpointing": Bool(),
+                    "vae_outside_autocast": Bool(),
                     "teacher_decode_chunk": Optional(POSITIVE),
                     "ema_placement": Choice("device", "cpu"),
                     "ema_dtype": Choice("float32", "bfloat16"),

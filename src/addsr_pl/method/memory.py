@@ -22,6 +22,7 @@ MEMORY_SWITCHES = (
     "share_frozen_weights",
     "gradient_checkpointing",
     "vae_gradient_checkpointing",
+    "vae_outside_autocast",
     "fused_adamw",
     "discriminator_batched",
     "compile_student",

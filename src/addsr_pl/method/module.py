@@ -16,6 +16,7 @@ from addsr_pl.core.sampler import StudentStep, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.logging import log_where_computed
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
+from addsr_pl.method.distributed import SyncedParts
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import (
     discriminator_hinge_loss,
@@ -94,6 +95,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         self.micro_step = 0
         # `fault.nan_loss_at_iteration` sets `nonfinite.inject_at_iteration` (addsr_pl.train)
         self.nonfinite = NonFiniteGuard(method["max_consecutive_nonfinite"])
+        # under DDP, the student's and the discriminator's own wrappers (`wrap_for_ddp`); not submodules
+        self.synced = SyncedParts()
+        self.allreduced_bytes = 0  # by the last iteration
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
@@ -108,7 +112,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         self.register_buffer(
             "student_timesteps", self.noise_schedule.from_ddpm(ddpm_timesteps), persistent=False
         )
-        self.codec = VaeCodec(components.vae)
+        self.codec = VaeCodec(components.vae, method["memory"]["vae_outside_autocast"])
         self.conditioner = self.backbone.conditioner(parts, conditioning)
         networks = {name: parts[name] for name in self.backbone.networks}
         self.teacher = self.backbone.denoiser(networks, self.codec, method["conditioning_scale"])
@@ -195,7 +199,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         k, start = sample_unroll(
             torch.tensor(m["unroll_probs"], dtype=torch.float), n, hr.shape[0], m["unroll_start"], g_cpu
         )
-        index = (start.unsqueeze(1) + torch.arange(k)).to(self.device)
+        index = (start.unsqueeze(1) + torch.arange(k)).to(self.device, non_blocking=True)
         timesteps = self.student_timesteps[index]
         blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
         prompt_source = {"hr": hr, "lr": lr_up}[m["student_prompt_source"]]
@@ -215,7 +219,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
                 )
             )
         steps = sample_student(
-            self.student,
+            self.synced.get(self.student),
             self.codec,
             lr_up=lr_up,
             text_embeds=text_embeds,
@@ -230,7 +234,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             grad_last=True,
             decode_last=True,
         )
-        return Unroll(steps, k, start.to(self.device), noises[-1], lr_up, text_embeds, blank, start)
+        return Unroll(
+            steps, k, start.to(self.device, non_blocking=True), noises[-1], lr_up, text_embeds, blank, start
+        )
 
     @torch.no_grad()
     def teacher_targets(self, unroll: Unroll, hr: Tensor, g_dev: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -312,11 +318,15 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         with self.toggled_optimizer(opt_d):
             x0_image = unroll.graded.x0_image.detach()
             if self.method["memory"]["discriminator_batched"]:  # one backbone pass over real and fake
-                both = self.discriminator(torch.cat([hr.to(x0_image.dtype), x0_image]), c.repeat(2, 1), g_dev)
+                both = self.synced.get(self.discriminator)(
+                    torch.cat([hr.to(x0_image.dtype), x0_image]), c.repeat(2, 1), g_dev
+                )
                 real, fake = both.chunk(2)
             else:
                 real = self.discriminator(hr, c, g_dev)
-                fake = self.discriminator(x0_image, c, g_dev)
+                # through the wrapper last: DDP readies its all-reduce at the forward before the backward,
+                # which reduces the heads' gradients of both passes (each weight's, summed, arrives once)
+                fake = self.synced.get(self.discriminator)(x0_image, c, g_dev)
             loss_d = discriminator_hinge_loss(real, fake)
             self.nonfinite.check_loss("loss_d", loss_d)
             self.manual_backward(loss_d / self.loss_denominator())
@@ -331,9 +341,11 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         hr, lr = batch["hr"], batch["lr"]
         g_cpu, g_dev = self.generators()
         last_micro = (self.micro_step + 1) % self.method["accumulate_grad_batches"] == 0
+        self.synced.sync_gradients(last_micro)  # the micro-steps before the last accumulate locally
         lr_up = upscale(lr, hr.shape[-2:])
-        unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
-        targets = self.teacher_targets(unroll, hr, g_dev)
+        with self.conditioner.one_pass_per_image():
+            unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
+            targets = self.teacher_targets(unroll, hr, g_dev)
         c = self.discriminator.condition(lr_up)
         undo_d = None
         if self.method["gd_order"] == "discriminator_first":
@@ -346,6 +358,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             logs = self.generator_step(unroll, targets, c, g_dev, last_micro)
             logs |= self.discriminator_step(unroll, hr, c, g_dev, last_micro)
         self.micro_step += 1
+        if last_micro:
+            self.allreduced_bytes = self.synced.count.take()
         stepped = last_micro and self.optimizer_steps(undo_d)
         if stepped:
             self.after_iteration()
@@ -355,19 +369,42 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             # after this micro-step's optimizer steps, as the official loop (the iteration's earlier
             # micro-steps' updates were made by `ema_catch_up`, once the iteration was known to step)
             self.ema.update()
-        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=hr.shape[0])
-        logs["unroll_k"] = torch.tensor(float(unroll.k))
-        graded_steps = [k for k in logs if k.startswith("loss_dis_step")]
-        log_where_computed(self, {f"train/{k}": logs.pop(k) for k in graded_steps})
+        self.log_iteration(logs, unroll.k, hr.shape[0])
+
+    def logging_step(self) -> bool:
+        """Whether Lightning writes the logs at this step (`log_every_n_steps`)."""
+        return self.trainer._logger_connector.should_update_logs
+
+    def log_iteration(self, logs: dict, k: int, batch_size: int) -> None:
+        """The iteration's values to the loggers and the progress bar, given at the logging steps only:
+        a value given at another step is never written, yet giving it costs a wait for the device's queue
+        (a host number is copied to the device; a progress-bar value is read on the host at once)."""
+        if not self.logging_step():
+            return
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch_size)
+        logs["unroll_k"] = torch.tensor(float(k))
+        graded_steps = [name for name in logs if name.startswith("loss_dis_step")]
+        log_where_computed(self, {f"train/{name}": logs.pop(name) for name in graded_steps})
         self.log_dict(
-            {f"train/{k}": v.detach().float() for k, v in logs.items()},
+            {f"train/{name}": v.detach().float() for name, v in logs.items()},
             prog_bar=False,
-            batch_size=hr.shape[0],
+            batch_size=batch_size,
         )
-        self.log("train/iteration", self.iteration.float(), prog_bar=True, batch_size=hr.shape[0])
-        # the progress bar's short names; the logger already has them under train/
-        bar = {k: logs[k].detach().float() for k in ("loss_g", "loss_d") if k in logs}
-        self.log_dict(bar, prog_bar=True, logger=False, batch_size=hr.shape[0])
+        self.log("train/iteration", self.iteration.float(), batch_size=batch_size)
+        if self.synced.wrappers:
+            self.log("train/allreduce_mib", self.allreduced_bytes / 2**20, batch_size=batch_size)
+        # the progress bar's short names; the logger has them under train/
+        bar = {name: logs[name].detach().float() for name in ("loss_g", "loss_d") if name in logs}
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch_size)
+
+    def wrap_for_ddp(self, **ddp_kwargs) -> None:
+        """`PartsDDPStrategy`: the student and the discriminator each in their own DDP wrapper, so the
+        generator's backward reduces the student's gradients and the discriminator's its heads', every
+        trained weight getting a gradient in its backward (no unused-parameter search). Buffers are not
+        broadcast at each forward: every rank computes the same ones (the DDP wrappers sync them once)."""
+        ddp_kwargs = {"broadcast_buffers": False, **ddp_kwargs}
+        for part in (self.student, self.discriminator):
+            self.synced.wrap(part, **ddp_kwargs)
 
     def step_discriminator_first(self):
         """`gd_order: discriminator_first`: step D before the student's forward, and return how to undo
@@ -406,7 +443,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         grads = {"g": [p.grad for p in student]} | (
             {} if d_stepped else {"d": [p.grad for p in discriminator]}
         )
-        ok = self.nonfinite.finish(self, int(self.iteration) + 1, grads)
+        ok = self.nonfinite.finish(self, grads)
         if ok:
             self.ema_catch_up()
         # skipped: the gradients are dropped, so the steps move nothing but the step counters
@@ -497,9 +534,10 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         grads = [p for p in params if p.grad is not None]
         if not grads:
             return
-        if clip:
-            norm = torch.nn.utils.clip_grad_norm_(grads, clip)
-        else:
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip) if clip else None
+        if not self.logging_step():
+            return  # see `log_iteration`
+        if norm is None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
         self.log(f"train/grad_norm_{which}", norm.float())
         self.log(f"train/lr_{which}", optimizer.param_groups[0]["lr"])

@@ -75,11 +75,12 @@ class NonFiniteGuard:
             flag = module.trainer.strategy.reduce(flag, reduce_op="sum")
         return int(flag) == 0
 
-    def finish(self, module, iteration: int, grads: dict[str, list[Tensor]]) -> bool:
+    def finish(self, module, grads: dict[str, list[Tensor]]) -> bool:
         """True when the iteration may step; on False the gradients are already dropped.
 
         `grads` maps each phase ("g", "d") to its gradients. Every rank calls this once per
-        iteration: the decision is all-reduced, so all ranks skip together.
+        iteration: the decision is all-reduced, so all ranks skip together. Reading the decision is the
+        iteration's one wait for the device; the iteration's number is read only to report a skip.
         """
         names = [name for name, _ in self._losses]
         names += [f"grad_{phase}" for phase in grads]
@@ -98,6 +99,7 @@ class NonFiniteGuard:
             self.consecutive = 0
             return True
         bad = [name for name, ok in zip(names, finite.tolist()) if not ok]
+        iteration = int(module.iteration) + 1
         self.skipped += 1
         self.consecutive += 1
         log.warning(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -268,6 +269,7 @@ class Conditioner(nn.Module):
                 f"conditioning.inference_tagger_input = {inference_tagger_input!r}: must be one of {TAGGER_INPUTS}"
             )
         self.inference_tagger_input = inference_tagger_input
+        self._passes: dict | None = None  # see `one_pass_per_image`
         if prompt_encoder.prompt == "tags" and tagger is None:
             raise ValueError("conditioning.prompt = 'tags' needs a tagger: set conditioning.tagger")
         if use_representation and tagger is None:
@@ -361,10 +363,31 @@ class Conditioner(nn.Module):
             return lr_up
         return F.interpolate(lr.float(), size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
+    @contextmanager
+    def one_pass_per_image(self) -> Iterator[None]:
+        """Within it, a tagger runs once per images tensor: images tagged for a prompt (the same tensor
+        object, unmodified) give their representation from that forward, as `condition` does at inference.
+        A training iteration tags the student's and the teacher's prompt sources and then represents the
+        same images; with this, RAM's image encoder runs once per distinct image batch."""
+        self._passes = {}
+        try:
+            yield
+        finally:
+            self._passes = None
+
+    def _tagged(self, tagger: nn.Module, images: Tensor):
+        """`tagger(images)`, once per (tagger, images) inside `one_pass_per_image`."""
+        if self._passes is None:
+            return tagger(images)
+        key = (id(tagger), id(images), images._version)
+        if key not in self._passes:  # the images are kept with the output, so their id stays theirs
+            self._passes[key] = (images, tagger(images))
+        return self._passes[key][1]
+
     def texts(self, images: Tensor, manual: list[str] | None = None, training: bool = False) -> list[str]:
         b = images.shape[0]
         tagger = self.train_tagger if training and self.train_tagger is not None else self.tagger
-        tags = tagger(images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
+        tags = self._tagged(tagger, images).tags if self.prompt_encoder.prompt == "tags" else [""] * b
         manual = manual or [self.manual_prompt] * b
         return [self.prompt_encoder.compose(t, m, training) for t, m in zip(tags, manual)]
 
@@ -424,4 +447,9 @@ class Conditioner(nn.Module):
     def represent(self, images: Tensor) -> Tensor | None:
         if not self.use_representation:
             return None
+        tagged = (
+            None if self._passes is None else self._passes.get((id(self.tagger), id(images), images._version))
+        )
+        if tagged is not None:  # these images were tagged for a prompt in this pass
+            return tagged[1].representation
         return self.tagger.representation(images)

@@ -657,7 +657,9 @@ class RAMTagger(nn.Module):
         return torch.sigmoid(logits.float()) > self.class_thresholds
 
     def tags_from_mask(self, mask: Tensor) -> list[str]:
-        """Each image's tags in tag-list order, joined by `tag_separator` (on the host)."""
+        """Each image's tags in tag-list order, joined by `tag_separator` (on the host: the mask comes there
+        in one copy)."""
+        mask = mask.cpu()
         return [
             self.tag_separator.join(self.tag_list[i] for i in row.nonzero().flatten().tolist())
             for row in mask

@@ -166,6 +166,7 @@ class OpenCLIPTagger(nn.Module):
         probabilities = self.tag_probabilities(pooled)
         k = min(self.top_k, probabilities.shape[1])
         values, indices = probabilities.topk(k, dim=1)
+        values, indices = values.cpu(), indices.cpu()  # to the host at once, not row by row
         return [
             self.tag_separator.join(
                 self.vocabulary[i] for v, i in zip(row_v.tolist(), row_i.tolist()) if v > self.threshold

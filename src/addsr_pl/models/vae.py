@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -63,9 +65,11 @@ class VaeCodec(nn.Module):
     is diffusers' key (SD3's VAE has one; SD2's is null, which means 0).
     """
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: nn.Module, outside_autocast: bool = False):
         super().__init__()
         self.vae = vae
+        # encode and decode in the weights' dtype with autocast off (`method.memory.vae_outside_autocast`)
+        self.outside_autocast = outside_autocast
 
     @property
     def lossless(self) -> bool:
@@ -98,7 +102,8 @@ class VaeCodec(nn.Module):
     def encode(self, images: Tensor, posterior_noise: Tensor | None = None) -> Tensor:
         """Scaled latents of images in [0, 1]: the posterior's mean, or with `posterior_noise` (standard
         normal, latent-shaped) the sample mean + std * noise, as the official pipeline encodes."""
-        posterior = self.vae.encode(images.to(self._dtype(images)) * 2 - 1).latent_dist
+        with self._autocast(images):
+            posterior = self.vae.encode(images.to(self._dtype(images)) * 2 - 1).latent_dist
         latent = posterior.mean
         if posterior_noise is not None:
             if self.lossless:
@@ -107,7 +112,12 @@ class VaeCodec(nn.Module):
         return (latent - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
-        images = self.vae.decode(
-            latents.to(self._dtype(latents)) / self.scaling_factor + self.shift_factor
-        ).sample
+        with self._autocast(latents):
+            images = self.vae.decode(
+                latents.to(self._dtype(latents)) / self.scaling_factor + self.shift_factor
+            ).sample
         return (images.float() + 1) / 2
+
+    def _autocast(self, inputs: Tensor):
+        """Autocast off where `outside_autocast` (else left as the caller has it)."""
+        return torch.autocast(inputs.device.type, enabled=False) if self.outside_autocast else nullcontext()
