@@ -108,6 +108,8 @@ def test_a_second_process_of_the_cli_loads_the_first_ones_graphs(tiny_student, t
         )
         assert run.returncode == 0, run.stderr[-3000:]
         runs.append(run.stderr)
+    entries = list((tmp_path / "cache").iterdir())  # torch wrote its graphs into our entry
+    assert len(entries) == 1 and any((entries[0] / "inductor" / "fxgraph").iterdir())
     estimate = defaults()["compile_estimate_s"]
     assert f"compiling (first time on this machine, about {estimate} s)" in runs[0]
     assert "loaded compiled graphs" in runs[1] and "compiling" not in runs[1]

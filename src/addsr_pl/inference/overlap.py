@@ -65,7 +65,12 @@ class BackgroundReader(Generic[Item, Result]):
     def __iter__(self) -> Iterator[tuple[Item, Result]]:
         try:
             while True:
-                value = self._queue.get()
+                try:
+                    value = self._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if self._thread.is_alive() or not self._queue.empty():
+                        continue
+                    raise RuntimeError("the reader thread stopped without finishing") from None
                 if value is _DONE:
                     return
                 if isinstance(value, _Raised):
