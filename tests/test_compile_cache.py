@@ -58,11 +58,25 @@ def test_weights_do_not_change_the_model_digest():
     assert architecture_digest("{}", [a]) == architecture_digest("{}", [b])
 
 
-def test_torch_reuses_the_graphs_of_an_entry_and_the_notice_says_so(tmp_path, monkeypatch):
+@pytest.fixture
+def inductor_folder_restored():
+    """TORCHINDUCTOR_CACHE_DIR as it was after the test, and torch's paths derived from it forgotten."""
+    from torch._inductor.utils import clear_caches
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    clear_caches()
+    torch._dynamo.reset()
+
+
+def test_torch_reuses_the_graphs_of_an_entry_and_the_notice_says_so(tmp_path, inductor_folder_restored):
     """A function compiled under an entry, compiled again after dynamo forgot it: the second compile
     loads from the entry's folder (torch's cache hit counters), and the notices tell the two apart,
     with the first compile's recorded seconds as the next estimate."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test
 
     def compiled_call(cache: CompileCache, signature) -> tuple:
         torch._dynamo.reset()
@@ -81,7 +95,6 @@ def test_torch_reuses_the_graphs_of_an_entry_and_the_notice_says_so(tmp_path, mo
     assert loaded > 0 and compiled == 0
     other = CompileCache(tmp_path, key(dtype=torch.float64), 77)
     assert str(other.before([1, 4])) == f"compiling (first time on this machine, about {round(seconds)} s)"
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow
