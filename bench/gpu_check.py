@@ -133,13 +133,17 @@ def warm_start_child(model: str, device: str, lr_size: int, steps: int, mode: st
     import time
 
     import inference
+    from omegaconf import OmegaConf
+
+    from addsr_pl.paths import config_dir
 
     started = time.perf_counter()
     device = torch.device(device)
     parts, cond, timesteps, psr_weight = inference.compose_model(model, cache_dir)
     speed = inference.speed_for("ours_compiled", device, mode)
     pipeline = inference.ours(parts, cond, timesteps, psr_weight, speed, device, tiny_psr=False)
-    cache = pipeline.compile_cache_for(f"bench model {model}", root, 0)
+    estimate = OmegaConf.load(config_dir() / "upscale.yaml").compile_estimate_s
+    cache = pipeline.compile_cache_for(f"bench model {model}", root, estimate)
     cache.activate()
     lr = torch.rand(1, 3, lr_size, lr_size, generator=torch.Generator().manual_seed(0)).to(device)
     signature = (1, lr_size, lr_size, steps)

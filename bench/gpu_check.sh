@@ -57,6 +57,7 @@ OUT="$(cd "$OUT" && pwd)"
 rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
+echo "python: $PY"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 
 # Offline install of what the machine lacks (diffusers, hydra-core, omegaconf, kornia, ...).
