@@ -49,13 +49,18 @@ def test_each_part_of_the_key_makes_a_new_entry(tmp_path):
     assert entry not in folders and len(folders) == len(changed)
 
 
-def test_weights_do_not_change_the_model_digest():
+def test_weights_and_locations_do_not_change_the_model_digest_but_configs_do():
     torch.manual_seed(0)
     a = torch.nn.Linear(2, 3)
     torch.manual_seed(1)
     b = torch.nn.Linear(2, 3)
     assert not torch.equal(a.weight, b.weight)
     assert architecture_digest("{}", [a]) == architecture_digest("{}", [b])
+    # constants of a model's config are compiled into its code; where it was loaded from is not
+    a.config, b.config = {"scaling_factor": 0.18, "_name_or_path": "/here"}, {"scaling_factor": 0.18}
+    assert architecture_digest("{}", [a]) == architecture_digest("{}", [b])
+    b.config = {"scaling_factor": 0.13}
+    assert architecture_digest("{}", [a]) != architecture_digest("{}", [b])
 
 
 @pytest.fixture

@@ -54,11 +54,19 @@ def device_name(device: torch.device) -> str:
 
 
 def architecture_digest(manifest: str, modules: Iterable[nn.Module]) -> str:
-    """sha256 of the student's manifest text and every parameter's and buffer's name, shape and dtype."""
+    """sha256 of the student's manifest text, every parameter's and buffer's name, shape and dtype, and
+    the config of each submodule that has a dict one (diffusers models: constants such as the VAE's
+    scaling factor are baked into compiled code); private config keys (`_name_or_path`, versions) are
+    left out, so a folder copied elsewhere keeps its entry."""
     digest = hashlib.sha256(manifest.encode())
     for index, module in enumerate(modules):
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             digest.update(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        for name, submodule in module.named_modules():
+            config = getattr(submodule, "config", None)
+            if isinstance(config, dict):
+                public = {k: v for k, v in config.items() if not k.startswith("_")}
+                digest.update(f"{index}.{name}:{json.dumps(public, sort_keys=True, default=str)}\n".encode())
     return digest.hexdigest()
 
 
