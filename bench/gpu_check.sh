@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: writes $OUT/gpu_check.json and $OUT/gpu_check.md.
 #
-#   bash bench/gpu_check.sh            # CUDA, the default sections: at most 490 s (8 min 10 s), the sum of their limits
-#   SECTIONS="inference_sd2_compiled train_step_large" bash bench/gpu_check.sh   # what the default leaves out: at most 450 s
-#   bash bench/gpu_check.sh --smoke    # the default sections on the CPU with tiny presets (a test runs it)
+#   bash bench/gpu_check.sh            # CUDA, the default sections: at most 580 s (9 min 40 s), the sum of their limits
+#   SECTIONS="warm_start inference_sd2_compiled" bash bench/gpu_check.sh   # compile: at most 570 s
+#   SECTIONS="train_step_large" bash bench/gpu_check.sh                    # at most 180 s
+#   bash bench/gpu_check.sh --smoke    # every section on the CPU with tiny presets (a test runs it)
 #
-# OUT defaults to outputs/gpu_check. Sections, each under its own time limit, in this order:
+# OUT defaults to outputs/gpu_check; PYTHON to the project's .venv/bin/python where it exists, else python3.
+# Sections, each under its own time limit, in this order:
 #   inference_sd2           160 s  SD2-sized random weights, LR 128² -> SR 512², 1 and 4 steps: eager fp16 baseline,
 #                                  ours eager / CUDA graph / graph + small PSR decoder, per-part breakdown, then the
 #                                  2048² -> 8192² tiled run's peak (FLOPs: exact on the meta device, see the doc)
 #   inference_seesr         110 s  the same rows at SeeSR size (image attention, Swin-L RAM), breakdown and FLOPs
 #   degradation              20 s  batch 16 on CUDA vs its per-sample path
 #   train_step              130 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline
+#   gpu_tests                90 s  pytest -m gpu: the tests that need CUDA (CUDA graphs, the GPU degradation, ...),
+#                                  each one's outcome in gpu_tests.json
 #   graph_breaks             70 s  dynamo graph breaks of the tiny presets (CPU only; last, as it needs no GPU)
 # Not in the default (SECTIONS names them):
+#   warm_start              300 s  the compile cache across processes: a fresh process compiles ours (mode default per
+#                                  module, under the CUDA graph; SD2 size, 4 steps) into an empty cache, a second one
+#                                  loads it; each one's first call in seconds and torch's cache hit/miss counts
 #   inference_sd2_compiled  270 s  eager fp16 and ours compiled (mode default) at 4 steps, SD2 size
 #   train_step_large        180 s  ours at batch 4 and 8, no baseline
 # The limits come from the first run on an NVIDIA H200 (docs/gpu_runs/2026-11-30-h200/): degradation 10 s, graph
@@ -31,9 +38,9 @@ cd "$ROOT"
 
 declare -A LIMIT=(
   [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
-  [inference_sd2_compiled]=270 [train_step_large]=180
+  [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180
 )
-DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step graph_breaks"
+DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step gpu_tests graph_breaks"
 SECTIONS="${SECTIONS:-$DEFAULT_SECTIONS}"
 if [[ $SMOKE -eq 0 ]]; then
   for name in $SECTIONS; do
@@ -47,8 +54,10 @@ fi
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,graph_breaks,seconds}.json "$OUT"/*.partial
+rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
+echo "python: $PY"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 
 # Offline install of what the machine lacks (diffusers, hydra-core, omegaconf, kornia, ...).
@@ -91,6 +100,10 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
         --batch 2 --memory-cap 20 --json "$OUT/$name.json" ;;
     graph_breaks)
       section "$name" "$limit" "$PY" bench/gpu_check.py graph-breaks --json "$OUT/$name.json" ;;
+    gpu_tests)
+      section "$name" "$limit" "$PY" bench/gpu_check.py gpu-tests --json "$OUT/$name.json" ;;
+    warm_start)
+      section "$name" "$limit" "$PY" bench/gpu_check.py warm-start --device cuda --json "$OUT/$name.json" ;;
     inference_sd2_compiled)
       section "$name" "$limit" "$PY" bench/inference.py --models sd2 --rows eager_fp16,ours_compiled \
         --steps 4 --compile-mode default --no-flops --json "$OUT/$name.json" ;;
@@ -103,9 +116,9 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
 if command -v nvidia-smi >/dev/null; then nvidia-smi | tee "$OUT/nvidia-smi.txt"; else echo "no nvidia-smi" | tee "$OUT/nvidia-smi.txt"; fi
 
 if [[ $SMOKE -eq 1 ]]; then
-  # Generous limits: the smoke run proves the script works (about 4 minutes on 2 idle cores), a shared
-  # CPU can be several times slower.
-  echo "smoke run: at most 2100 s (the sum of the section limits)"
+  # Generous limits: the smoke run proves the script works (about 7 minutes on 2 idle cores, 2 of them the
+  # warm start's first compile), a shared CPU can be several times slower.
+  echo "smoke run: at most 3000 s (the sum of the section limits)"
   section graph_breaks 600 "$PY" bench/gpu_check.py graph-breaks --presets tiny_seesr --json "$OUT/graph_breaks.json"
   section inference 600 "$PY" bench/inference.py --tiny --models tiny_seesr \
     --rows eager_fp16,eager_bf16,ours_eager,ours_graph_tiny_psr --steps 1,2 --tiled-lr 16 --tiled-tile 4 \
@@ -114,6 +127,8 @@ if [[ $SMOKE -eq 1 ]]; then
   if [[ -f bench/train_step.py ]]; then
     section train_step 600 "$PY" bench/train_step.py --tiny --json "$OUT/train_step.json"
   fi
+  section gpu_tests 300 "$PY" bench/gpu_check.py gpu-tests --json "$OUT/gpu_tests.json"
+  section warm_start 600 "$PY" bench/gpu_check.py warm-start --smoke --device cpu --json "$OUT/warm_start.json"
 else
   total=0
   for name in $SECTIONS; do total=$((total + LIMIT[$name])); done

@@ -16,7 +16,8 @@ lists, each pipeline built, measured and freed alone (its peak includes its own 
 Also: the first call's seconds (compile / capture time), a per-part breakdown of ours eager (one
 denoiser step, VAE decode, VAE encode, one tagger pass, one small-decoder pass), FLOPs of a 4-step
 call with the VAE and with the small decoder (`torch.utils.flop_counter`), and with `--tiled-lr` the
-peak memory of a tiled upscale (LR side -> 4x, `conf/upscale.yaml`'s tiling). `--json` is rewritten
+peak memory of a tiled upscale (LR side -> 4x, `conf/upscale.yaml`'s tiling), and the images/s of a folder
+of same-size images at batch `--folder-batch` (8) against the sampler's own at that batch. `--json` is rewritten
 after every row and part, with `"complete": false` until the end, so a run stopped by a time limit keeps
 what it finished.
 
@@ -335,6 +336,11 @@ def bench_model(name: str, args, device: torch.device, result: dict, save: Calla
         result["tiled"] = tiled_peak(eager, args, device)
         save()
         print(f"{name} tiled: {json.dumps(result['tiled'])}")
+    if args.folder_batch:
+        pipeline = eager.with_speed(speed_for("ours_graph", device, "none"), device)
+        result["throughput"] = throughput(pipeline, args, device)
+        save()
+        print(f"{name} throughput: {json.dumps(result['throughput'])}")
     del eager, parts, source
     free(device)
 
@@ -355,6 +361,51 @@ def tiled_peak(pipeline: AddSRPipeline, args, device: torch.device) -> dict:
     synchronize(device)
     return {"lr": args.tiled_lr, "sr": int(sr.shape[-1]), "steps": args.tiled_steps,
             "seconds": time.perf_counter() - start, "peak_gib": peak_gib(device)}  # fmt: skip
+
+
+def throughput(pipeline: AddSRPipeline, args, device: torch.device) -> dict:
+    """Images/s of `--folder-images` same-size LR files upscaled as `addsr-pl upscale` does it
+    (`Upscaler.run`: background reading and writing, `--folder-batch` images per sampler call, ours
+    graph with the small PSR decoder), against the sampler alone on batches of the same size (what the folder run would reach if
+    reading, colour fix and writing cost nothing). The first batch (capture or compile) is run before
+    either is timed."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    batch, count, steps = args.folder_batch, args.folder_images, args.steps[-1]
+    settings = OmegaConf.to_container(OmegaConf.load(config_dir() / "upscale.yaml"), resolve=True)
+    settings |= {"steps": steps, "batch_size": batch}
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        sources = []
+        for i in range(count):
+            pixels = rng.integers(0, 255, (args.lr_size, args.lr_size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            sources.append(folder / f"{i}.png")
+        upscaler = Upscaler(pipeline, settings)
+        warm = [(s, folder / "out" / f"warm_{s.name}") for s in sources[:batch]]
+        upscaler.run(warm, progress=False)
+        synchronize(device)
+        start = time.perf_counter()
+        report = upscaler.run([(s, folder / "out" / s.name) for s in sources], progress=False)
+        synchronize(device)
+        folder_s = time.perf_counter() - start
+    if not report.ok:
+        raise RuntimeError(f"throughput: the folder run failed: {report.failed}")
+    lr = torch.rand(batch, 3, args.lr_size, args.lr_size, generator=torch.Generator().manual_seed(3)).to(
+        device
+    )
+    generators = [torch.Generator(device=device).manual_seed(0) for _ in range(batch)]
+    sampler = measure(
+        lambda: pipeline(lr, steps=steps, generator=generators), device, args.warmup, args.iters
+    )
+    sampler_ips = batch / (sampler["median_ms"] / 1000)
+    folder_ips = count / folder_s
+    return {"row": "ours_graph_tiny_psr", "batch": batch, "images": count, "steps": steps, "folder_images_per_s": folder_ips,
+            "sampler_images_per_s": sampler_ips, "folder_over_sampler": folder_ips / sampler_ips}  # fmt: skip
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -391,6 +442,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tiled-steps", type=int, default=1)
     p.add_argument("--tiled-tile", type=int, default=None, help="latent tile side for the tiled run")
+    p.add_argument(
+        "--folder-batch", type=int, default=8,
+        help="images/s of a folder of same-size images at this batch (0: skip)",
+    )  # fmt: skip
+    p.add_argument("--folder-images", type=int, default=None, help="files of that run (default 4 batches)")
     p.add_argument("--cache-dir", default="/tmp/addsr_pl_bench")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -403,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr_size = args.lr_size or (8 if args.tiny else 128)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 3)
     args.iters = args.iters if args.iters is not None else (1 if args.tiny else 10)
+    args.folder_images = args.folder_images or 4 * args.folder_batch
     unknown = [m for m in args.models if m not in MODELS] + [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown models/rows {unknown}: models are {list(MODELS)}, rows {list(ROWS)}")

@@ -16,13 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    if (ROOT / ".venv" / "bin" / "python").exists():
+        del env["PYTHON"]  # the script finds the project's .venv by itself
     run = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke"],
         env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert {"inference", "degradation", "train_step", "graph_breaks"} <= set(result)
+    assert {"inference", "degradation", "train_step", "graph_breaks", "gpu_tests", "warm_start"} <= set(
+        result
+    )
+    gpu_tests = result["gpu_tests"]
+    assert gpu_tests["returncode"] == 0 and gpu_tests["skipped"] == len(gpu_tests["tests"]) >= 1
+    warm = result["warm_start"]
+    assert warm["cold"]["notice"].startswith("compiling") and warm["cold"]["graphs_compiled"] > 0
+    assert warm["warm"]["notice"] == "loaded compiled graphs"
+    assert warm["warm"]["graphs_loaded"] > 0 and warm["warm"]["graphs_compiled"] == 0
     assert result["graph_breaks"] == {"seesr_denoiser_step": 0, "seesr_whole_sampler": 0}
     rows = result["inference"]["seesr"]["models"]["tiny_seesr"]["rows"]
     assert {(r["row"], r["steps"]) for r in rows} == {
@@ -34,6 +44,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     model = result["inference"]["seesr"]["models"]["tiny_seesr"]
     assert {"denoiser_step_ms", "vae_decode_ms", "vae_encode_ms", "tagger_ms"} <= set(model["breakdown"])
     assert model["tiled"]["sr"] == 64
+    assert model["throughput"]["batch"] == 8 and model["throughput"]["folder_images_per_s"] > 0
     assert result["degradation"]["pairs_per_s"]["batched"]["median"] > 0
     if (ROOT / "bench" / "train_step.py").exists():
         assert result["train_step"] is not None

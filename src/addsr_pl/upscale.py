@@ -91,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
         help="modules: each large module once | sampler: the whole sampler" + default(d["compile_scope"] or "the student's"),
     )  # fmt: skip
     p.add_argument(
+        "--compile-cache", metavar="DIR",
+        help="where compiled graphs are kept between runs (also $ADDSR_PL_COMPILE_CACHE)"
+        + default(d["compile_cache"] or "~/.cache/addsr-pl/compile"),
+    )  # fmt: skip
+    p.add_argument(
         "--cuda-graph", action=argparse.BooleanOptionalAction,
         help="the whole sampler as a CUDA graph per (steps, size, batch), captured once and replayed"
         + default(d["cuda_graph"] or "the student's"),
@@ -203,6 +208,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "tf32",
         "compile",
         "compile_scope",
+        "compile_cache",
         "cuda_graph",
         "psr_decoder",
         "jpeg_quality",

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from addsr_pl.core.noise_schedule import NoiseSchedule
 from addsr_pl.core.sampler import NOISE_DRAWS, START_LATENTS, Denoiser, StudentStep, sample_student, upscale
-from addsr_pl.core.student_format import DEFAULT_BACKBONE, StudentFolderError
+from addsr_pl.core.student_format import DEFAULT_BACKBONE, MANIFEST, StudentFolderError
+from addsr_pl.inference.compile_cache import CompileCache, architecture_digest, cache_key, default_root
 from addsr_pl.inference.speed import (
     SamplerGraphs,
     SpeedSettings,
@@ -89,6 +90,7 @@ class AddSRPipeline:
         self.speed: SpeedSettings | None = None  # set by `with_speed`; None: plain eager
         self._compiled = None
         self._graphs: SamplerGraphs | None = None
+        self.compile_cache: CompileCache | None = None  # set by `for_inference` when compiling
 
     @property
     def device(self) -> torch.device:
@@ -464,7 +466,24 @@ class AddSRPipeline:
         null key takes the student's default) on `device`; weight references are found through
         `settings["weights_dir"]`."""
         pipeline = cls.from_folder(folder, weights_dir=settings.get("weights_dir"))
-        return pipeline.with_speed(speed_settings(settings, pipeline.speed_defaults), device)
+        speed = speed_settings(settings, pipeline.speed_defaults)
+        pipeline.with_speed(speed, device)
+        if speed.compile != "none":
+            pipeline.compile_cache = pipeline.compile_cache_for(
+                (Path(folder) / MANIFEST).read_text(),
+                settings.get("compile_cache") or default_root(),
+                settings.get("compile_estimate_s", 0),
+            )
+            pipeline.compile_cache.activate()
+        return pipeline
+
+    def compile_cache_for(self, manifest: str, root: str | Path, estimate_s: float) -> CompileCache:
+        """The compile cache entry of this pipeline as `with_speed` set it up (`inference.compile_cache`)."""
+        modules = [self.denoiser, self.codec, self.conditioner]
+        modules += [self.psr_decoder] if self.psr_decoder is not None else []
+        dtype = next(self.denoiser.parameters()).dtype
+        key = cache_key(architecture_digest(manifest, modules), dtype, self.device, self.speed.as_dict())
+        return CompileCache(root, key, estimate_s)
 
     @classmethod
     def from_folder(

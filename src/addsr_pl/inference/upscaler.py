@@ -17,6 +17,7 @@ from tqdm import tqdm
 from addsr_pl.core.sampler import upscale
 from addsr_pl.inference.colorfix import color_fix
 from addsr_pl.inference.io import ImageReadError, LoadedImage, read_image, upscale_alpha, write_image
+from addsr_pl.inference.overlap import BackgroundReader, BackgroundWriter
 from addsr_pl.inference.pipeline import AddSRPipeline
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Upscaler:
     def __init__(self, pipeline: AddSRPipeline, settings: dict):
         self.pipeline = pipeline
         self.settings = settings
+        self.reader: BackgroundReader | None = None  # the running `run`'s reader
+        self._announced: set[tuple] = set()  # compiled signatures already announced
         conditioner = pipeline.conditioner
         if settings.get("prompt_join") is not None:
             conditioner.prompt_encoder.prompt_join = settings["prompt_join"]
@@ -201,7 +204,11 @@ class Upscaler:
     ) -> UpscaleReport:
         """Upscale every (input, output) pair; a file that fails is reported and the rest go on.
 
-        Inputs are read `batch_size` at a time; those of one size go through the sampler together.
+        Files are read and decoded by a background thread (`prefetch` images ahead of the model) and
+        the results encoded and written by another (`write_queue` waiting at most), so that the disk
+        and the codecs work while the sampler runs. Images of one size are gathered into sampler calls
+        of `batch_size`; while mixed sizes wait, the group waiting longest goes when `prefetch` images
+        (or `batch_size`, if more) are held.
         """
         report = UpscaleReport()
         batch_size = int(self.settings["batch_size"])
@@ -210,28 +217,80 @@ class Upscaler:
         todo = [(s, t) for s, t in pairs if not (skip_existing and t.exists())]
         report.skipped = [t for s, t in pairs if skip_existing and t.exists()]
         bar = tqdm(total=len(todo), desc="upscale", unit="image", disable=not progress)
-        for first in range(0, len(todo), batch_size):
-            groups: dict[tuple[int, ...], list[tuple[LoadedImage, Path]]] = {}
-            for source, target in todo[first : first + batch_size]:
-                try:
-                    # the size is checked from the header: a decompression bomb is never decoded
-                    image = read_image(source, self.settings["limits"]["max_input_pixels"])
-                    self.check_size(image.path, *image.size)
-                except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
-                    self._fail(report, source, str(error))
+        prefetch = int(self.settings["prefetch"])
+        hold = max(batch_size, prefetch)
+        self.reader = BackgroundReader(todo, self._read, prefetch)
+        writer = BackgroundWriter(lambda job: self._write(job, report), int(self.settings["write_queue"]))
+        waiting: dict[tuple[int, ...], list[tuple[LoadedImage, Path]]] = {}
+        try:
+            for (source, target), image in self.reader:
+                if isinstance(image, Exception):
+                    self._fail(report, source, str(image))
                     bar.update()
                     continue
-                groups.setdefault(tuple(image.rgb.shape), []).append((image, target))
-            for group in groups.values():
-                self._run_group(group, report)
+                group = waiting.setdefault(tuple(image.rgb.shape), [])
+                group.append((image, target))
+                if len(group) < batch_size and sum(map(len, waiting.values())) < hold:
+                    continue
+                # a full group goes; else (mixed sizes) the one waiting longest
+                ready = waiting.pop(
+                    tuple(image.rgb.shape) if len(group) == batch_size else next(iter(waiting))
+                )
+                self._run_group(ready, report, writer)
+                bar.update(len(ready))
+            for group in waiting.values():
+                self._run_group(group, report, writer)
                 bar.update(len(group))
-        bar.close()
+        finally:
+            writer.close()
+            bar.close()
         return report
 
-    def _run_group(self, group: list[tuple[LoadedImage, Path]], report: UpscaleReport) -> None:
+    def _read(self, pair: tuple[Path, Path]) -> LoadedImage | Exception:
+        """The reader thread's work: one file decoded and checked, or the error that makes it fail."""
+        source, _ = pair
+        try:
+            # the size is checked from the header: a decompression bomb is never decoded
+            image = read_image(source, self.settings["limits"]["max_input_pixels"])
+            self.check_size(image.path, *image.size)
+        except (ImageReadError, ImageSizeError, OSError, ValueError) as error:
+            return error
+        return image
+
+    def _write(
+        self, job: tuple[LoadedImage, Path, Tensor, Tensor | None, float], report: UpscaleReport
+    ) -> None:
+        """The writer thread's work: one result encoded and written, or its failure reported."""
+        image, target, sr, alpha, seconds = job
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = write_image(
+                target, sr, like=image, alpha=alpha, format=self.settings["format"],
+                quality=self.settings["jpeg_quality"],
+            )  # fmt: skip
+        except (OSError, ValueError) as error:
+            self._fail(report, image.path, str(error))
+            return
+        report.written.append(written)
+        report.seconds[image.path] = seconds
+
+    def _signature(self, images: list[LoadedImage]) -> tuple:
+        """What a compiled sampler call's graphs depend on, as the compile cache records it."""
+        s = self.settings
+        return (len(images), *images[0].rgb.shape, str(s["steps"]), s.get("psr_decoder"), s.get("resize"))
+
+    def _run_group(
+        self, group: list[tuple[LoadedImage, Path]], report: UpscaleReport, writer: BackgroundWriter
+    ) -> None:
         start = time.perf_counter()
         images = [image for image, _ in group]
+        cache = self.pipeline.compile_cache
+        signature = self._signature(images)
+        announce = cache is not None and signature not in self._announced
         try:
+            if announce:
+                self._announced.add(signature)
+                log.info("%s", cache.before(signature))
             outputs = self.upscale_images(images)
         except (ImageSizeError, ValueError) as error:
             for image in images:
@@ -250,16 +309,15 @@ class Upscaler:
             for image in images:
                 self._fail(report, image.path, f"{type(error).__name__}: {error}")
             return
+        if announce:
+            seconds, loaded, compiled = cache.after(signature)
+            log.info(
+                "first call %.1f s: %d graphs loaded from %s, %d compiled",
+                seconds,
+                loaded,
+                cache.folder,
+                compiled,
+            )
         seconds = (time.perf_counter() - start) / len(group)
         for (image, target), (sr, alpha) in zip(group, outputs):
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                written = write_image(
-                    target, sr, like=image, alpha=alpha, format=self.settings["format"],
-                    quality=self.settings["jpeg_quality"],
-                )  # fmt: skip
-            except (OSError, ValueError) as error:
-                self._fail(report, image.path, str(error))
-                continue
-            report.written.append(written)
-            report.seconds[image.path] = seconds
+            writer.submit((image, target, sr, alpha, seconds))
