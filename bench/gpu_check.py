@@ -58,7 +58,13 @@ def graph_breaks(cache_dir: str, presets: list[str]) -> dict:
             whole = torch._dynamo.explain(pipeline.final_image)(
                 [lr_up, text, representation, ts, None, *noises], (psr_weight, None)
             )
-        counts[f"{'seesr' if name == 'tiny_seesr' else 'sd2'}_whole_sampler"] = whole.graph_break_count
+            # what `__call__` compiles and captures: with prompts built on the device, the tagger, the
+            # prompt ids and the text encoder too (issue: the whole call in one graph)
+            call, make_inputs = pipeline._whole_call()
+            whole_call = torch._dynamo.explain(call)(make_inputs(lr, 2, None, None), (psr_weight, None))
+        family = "seesr" if name == "tiny_seesr" else "sd2"
+        counts[f"{family}_whole_sampler"] = whole.graph_break_count
+        counts[f"{family}_whole_call"] = whole_call.graph_break_count
         torch._dynamo.reset()
     return counts
 

@@ -33,7 +33,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert warm["cold"]["notice"].startswith("compiling") and warm["cold"]["graphs_compiled"] > 0
     assert warm["warm"]["notice"] == "loaded compiled graphs"
     assert warm["warm"]["graphs_loaded"] > 0 and warm["warm"]["graphs_compiled"] == 0
-    assert result["graph_breaks"] == {"seesr_denoiser_step": 0, "seesr_whole_sampler": 0}
+    assert result["graph_breaks"] == {
+        "seesr_denoiser_step": 0,
+        "seesr_whole_sampler": 0,
+        "seesr_whole_call": 0,
+    }
     rows = result["inference"]["seesr"]["models"]["tiny_seesr"]["rows"]
     assert {(r["row"], r["steps"]) for r in rows} == {
         (row, steps)
