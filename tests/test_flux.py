@@ -5,7 +5,7 @@ tests/test_backbones.py)."""
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxControlNetModel, FluxPipeline
 from hydra.utils import instantiate
 
 from addsr_pl.method.module import AddSRModule
@@ -137,3 +137,17 @@ def test_the_loader_reads_a_diffusers_flux_folder(tmp_path, cache_dir):
         assert torch.equal(controlnet[first], loaded.transformer.state_dict()[first])
     assert not loaded.controlnet.controlnet_x_embedder.weight.any()
     assert loaded.sources["transformer"] == str(folder) and loaded.sources["controlnet"] is None
+
+
+def test_the_loader_refuses_a_controlnet_that_reads_another_control(tmp_path, cache_dir):
+    cfg = compose_train(tmp_path / "cfg", FLUX, cache_dir)
+    components = instantiate(cfg.model.components, _convert_="all")
+    for name in FLUX_LAYOUT:
+        getattr(components, name).save_pretrained(tmp_path / "flux" / name)
+    config = {k: v for k, v in components.controlnet.config.items() if not k.startswith("_")}
+    xlabs = FluxControlNetModel(**{**config, "conditioning_embedding_channels": 16})
+    xlabs.save_pretrained(tmp_path / "xlabs" / "controlnet")
+    reference = dict(cfg.model.components.reference_scheduler)
+    with pytest.raises(MissingWeightsError, match="XLabs-style") as error:
+        load_flux_components(str(tmp_path / "flux"), reference, 1, 1, controlnet_path=str(tmp_path / "xlabs"))
+    assert "model.components.controlnet_path" in str(error.value) and "\n" not in str(error.value)

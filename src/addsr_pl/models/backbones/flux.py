@@ -254,6 +254,24 @@ def _controlnet_from(transformer: nn.Module, num_layers: int, num_single_layers:
     )
 
 
+def _check_instantx(controlnet: nn.Module, root: Path) -> None:
+    """The control here is a packed latent: an XLabs ControlNet (a pixel image through its
+    `input_hint_block`) or a Union one (a mode per control) reads something else."""
+    config = controlnet.config
+    kind = (
+        "an XLabs-style one (conditioning_embedding_channels: a pixel control image)"
+        if config.conditioning_embedding_channels is not None
+        else "a Union one (num_mode: a control mode per image)"
+        if config.num_mode is not None
+        else None
+    )
+    if kind:
+        raise MissingWeightsError(
+            f"{root}/controlnet is {kind}; the FLUX backbone feeds an InstantX-style ControlNet the packed "
+            "control latent: set `model.components.controlnet_path` to an InstantX-style ControlNet or null"
+        )
+
+
 def _check_flux_folder(root: Path, key: str) -> None:
     """Every component file of the folder, all missing ones named in one line."""
     require_file(root, "FLUX.1 folder", key)
@@ -309,6 +327,7 @@ def load_flux_components(
         controlnet = load_checked(
             FluxControlNetModel, cn_root, "controlnet", "model.components.controlnet_path"
         )
+        _check_instantx(controlnet, cn_root)
     else:
         controlnet = _controlnet_from(transformer, controlnet_layers, controlnet_single_layers)
     return FluxComponents(
