@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxControlNetModel, FluxPipeline
 from hydra.utils import instantiate
 
+from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.models.backbones.flux import (
     FLUX_LAYOUT,
@@ -19,6 +20,7 @@ from addsr_pl.models.backbones.flux import (
 from addsr_pl.models.backbones.sd3 import unpack_prompt
 from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.diffusion import MissingWeightsError
+from addsr_pl.train import train
 
 from conftest import compose_train, to_dicts
 
@@ -95,9 +97,10 @@ def test_a_guidance_distilled_transformer_needs_its_guidance_scale(cache_dir, tm
         AddSRModule(**to_dicts(cfg))
 
 
-def test_the_lora_student_holds_the_teachers_weights_once(cache_dir, tmp_path):
-    cfg = compose_train(tmp_path, [*FLUX, "method.trainable=lora"], cache_dir)
-    lora = AddSRModule(**to_dicts(cfg))
+def test_the_lora_student_holds_the_teachers_weights_once(cache_dir, tmp_path, sample_pair):
+    cfg = compose_train(tmp_path, [*FLUX, "method.trainable=lora", "trainer.max_steps=1"], cache_dir)
+    result = train(cfg)
+    lora = result["module"]
     student = dict(lora.student.named_parameters())
     teacher_ids = {id(p) for p in lora.teacher.parameters()}
     own = [name for name, p in student.items() if id(p) not in teacher_ids]
@@ -107,6 +110,14 @@ def test_the_lora_student_holds_the_teachers_weights_once(cache_dir, tmp_path):
     assert own and all("lora_" in name for name in own)
     assert {name for name, _ in lora.student_trainable()} == set(own)
     assert not any("lora_" in name for name, _ in lora.teacher.named_parameters())
+    # the exported student (adapters merged) is the trained one
+    _, lr = sample_pair
+    with lora.ema.swapped_in():
+        expected = lora.student_pipeline(4)(lr, steps=2, generator=torch.Generator().manual_seed(3))
+    got = AddSRPipeline.from_folder(result["student"])(
+        lr, steps=2, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_loader_names_every_missing_file_and_the_key(tmp_path):
