@@ -98,7 +98,9 @@ def test_a_guidance_distilled_transformer_needs_its_guidance_scale(cache_dir, tm
 
 
 def test_the_lora_student_holds_the_teachers_weights_once(cache_dir, tmp_path, sample_pair):
-    cfg = compose_train(tmp_path, [*FLUX, "method.trainable=lora", "trainer.max_steps=1"], cache_dir)
+    # a large step and no averaging, so the merged adapters change what the exported student gives
+    lora_run = ["method.trainable=lora", "method.optimizer_g.lr=0.05", "method.ema_decay=0"]
+    cfg = compose_train(tmp_path, [*FLUX, *lora_run, "trainer.max_steps=1"], cache_dir)
     result = train(cfg)
     lora = result["module"]
     student = dict(lora.student.named_parameters())
