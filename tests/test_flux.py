@@ -1,6 +1,6 @@
 """The FLUX.1 adapter's own parts on `model=flux_tiny`: 2 x 2 packing and rotary ids as diffusers' FLUX
 pipeline lays them out, sigma and the guidance scale as the networks' inputs, the control as a packed
-latent, the LoRA student sharing the teacher's weights, the loader and its errors (the README flow:
+latent, a representation in the context, the LoRA student sharing the teacher's weights, the loader and its errors (the README flow:
 tests/test_backbones.py)."""
 
 import pytest
@@ -164,3 +164,17 @@ def test_the_loader_refuses_a_controlnet_that_reads_another_control(tmp_path, ca
     with pytest.raises(MissingWeightsError, match="XLabs-style") as error:
         load_flux_components(str(tmp_path / "flux"), reference, 1, 1, controlnet_path=str(tmp_path / "xlabs"))
     assert "model.components.controlnet_path" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_representation_joins_the_context_after_the_prompt(module, cache_dir, tmp_path):
+    control = torch.rand(1, 3, 32, 32)
+    cond = module.conditioner.condition(control)
+    z, t = torch.randn(1, 4, 4, 4), torch.tensor([500.0])
+    representation = torch.randn(1, 3, 16)  # narrower than the 32-wide context: zero-padded to it
+    with torch.no_grad():
+        plain = module.teacher(z, t, control, cond)
+        joined = module.teacher(z, t, control, Conditioning(cond.text_embeds, representation))
+    assert not torch.allclose(plain, joined)
+    cfg = compose_train(tmp_path, [*FLUX, "conditioning.representation_in_context=true"], cache_dir)
+    with pytest.raises(ValueError, match="needs a tagger for the representation"):
+        AddSRModule(**to_dicts(cfg))
