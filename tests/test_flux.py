@@ -1,7 +1,7 @@
 """The FLUX.1 adapter's own parts on `model=flux_tiny`: 2 x 2 packing and rotary ids as diffusers' FLUX
 pipeline lays them out, sigma and the guidance scale as the networks' inputs, the control as a packed
-latent, a representation in the context, the LoRA student sharing the teacher's weights, the loader and its errors (the README flow:
-tests/test_backbones.py)."""
+latent, a representation in the context, the LoRA student sharing the teacher's weights, the loader and
+its errors (the README flow: tests/test_backbones.py)."""
 
 import pytest
 import torch
