@@ -1,4 +1,4 @@
-"""The README flow on every tiny backbone besides SD2's (`model=sd3_tiny`, `model=sdxl_tiny`): train 4
+"""The README flow on every tiny backbone besides SD2's (`model=sd3_tiny|sdxl_tiny|flux_tiny`): train 4
 iterations, resume exactly, export, `addsr-pl upscale`, `python -m addsr_pl.evaluate`, and the ablation
 grid. One tiny run (and its resumed twin) per backbone is shared by the module's tests."""
 
@@ -30,6 +30,7 @@ EXPECTED = {
     # SD2's [999, 749, 499, 249] at equal SNR (docs/method.md), never sigma = 1
     "sd3_tiny": ("sd3", "SD3Transformer2DModel", [0.936, 0.803, 0.617, 0.409]),
     "sdxl_tiny": ("sdxl", "UNet2DConditionModel", [999, 749, 499, 249]),
+    "flux_tiny": ("flux", "FluxTransformer2DModel", [0.936, 0.803, 0.617, 0.409]),
 }
 
 

@@ -651,6 +651,8 @@ SCHEMA: dict[str, Group] = {
                 # SD3 (models/backbones/sd3.py)
                 transformer_path=PATH,
                 controlnet_layers=POSITIVE,
+                # FLUX.1 (models/backbones/flux.py)
+                controlnet_single_layers=NONNEGATIVE,
                 flow_shift=Float(0, open_low=True),
                 # diffusers / transformers constructor arguments, as those libraries take them
                 unet=ANY,
@@ -696,6 +698,7 @@ SCHEMA: dict[str, Group] = {
             "inference_tagger_input": Choice(*TAGGER_INPUTS),
             "max_sequence_length": POSITIVE,
             "representation_in_context": Bool(),
+            "guidance_scale": Optional(Float(0)),
         }
     ),  # fmt: skip
     # conf/upscale.yaml with the command line's flags merged in

@@ -22,14 +22,14 @@ FORMAT_VERSION = 2
 # component -> the classes it may be, by name (`inference.student.CLASSES` maps each name to its class)
 COMPONENT_CLASSES = {
     "unet": ("UNet2DConditionModel", "SeeSRUNet2DConditionModel"),
-    "transformer": ("SD3Transformer2DModel",),
-    "controlnet": ("ControlNetModel", "SeeSRControlNetModel", "SD3ControlNetModel"),
+    "transformer": ("SD3Transformer2DModel", "FluxTransformer2DModel"),
+    "controlnet": ("ControlNetModel", "SeeSRControlNetModel", "SD3ControlNetModel", "FluxControlNetModel"),
     "vae": ("AutoencoderKL", "PixelUnshuffleCodec"),
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
-    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "text_encoder_2": ("CLIPTextModelWithProjection", "T5EncoderModel"),
     "text_encoder_3": ("T5EncoderModel",),
     "tokenizer": ("CLIPTokenizer",),
-    "tokenizer_2": ("CLIPTokenizer",),
+    "tokenizer_2": ("CLIPTokenizer", "T5TokenizerFast"),
     "tokenizer_3": ("CLIPTokenizer", "T5TokenizerFast"),
     "scheduler": ("DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"),
     "reference_scheduler": ("DDPMScheduler",),
@@ -43,6 +43,8 @@ BACKBONE_COMPONENTS = {
             "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "reference_scheduler"),
     "sdxl": ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
              "scheduler"),
+    "flux": ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+             "scheduler", "reference_scheduler"),
 }  # fmt: skip
 DEFAULT_BACKBONE = "sd2"
 REQUIRED_COMPONENTS = BACKBONE_COMPONENTS[DEFAULT_BACKBONE]

@@ -87,6 +87,8 @@ def component_classes() -> dict[str, type]:
         DDIMScheduler,
         DDPMScheduler,
         FlowMatchEulerDiscreteScheduler,
+        FluxControlNetModel,
+        FluxTransformer2DModel,
         SD3ControlNetModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
@@ -103,7 +105,7 @@ def component_classes() -> dict[str, type]:
     from addsr_pl.models.vae import PixelUnshuffleCodec
 
     classes = [UNet2DConditionModel, SeeSRUNet2DConditionModel, ControlNetModel, SeeSRControlNetModel,
-               SD3Transformer2DModel, SD3ControlNetModel, AutoencoderKL, PixelUnshuffleCodec, AutoencoderTiny,
+               SD3Transformer2DModel, SD3ControlNetModel, FluxTransformer2DModel, FluxControlNetModel, AutoencoderKL, PixelUnshuffleCodec, AutoencoderTiny,
                CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, CLIPTokenizer, T5TokenizerFast,
                DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler]  # fmt: skip
     return {cls.__name__: cls for cls in classes}

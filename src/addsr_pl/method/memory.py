@@ -11,11 +11,18 @@ import copy
 import torch
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import Tensor, nn
 
-# Blocks that repeat through the UNet (SD3: the transformer) and the ControlNet: compiled one by one
+# Blocks that repeat through the UNet (SD3, FLUX: the transformer) and the ControlNet: compiled one by one
 # (regional compilation), so each distinct shape is compiled once and reused by its repeats.
-REPEATED_BLOCKS = (BasicTransformerBlock, JointTransformerBlock, ResnetBlock2D)
+REPEATED_BLOCKS = (
+    BasicTransformerBlock,
+    JointTransformerBlock,
+    FluxTransformerBlock,
+    FluxSingleTransformerBlock,
+    ResnetBlock2D,
+)
 
 
 MEMORY_SWITCHES = (

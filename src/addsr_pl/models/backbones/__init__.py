@@ -93,11 +93,12 @@ def component_parts(components) -> dict[str, Any]:
 
 def backbone(name: str) -> Backbone:
     """The backbone of a family name (`components.backbone`, a manifest's `backbone`)."""
+    from addsr_pl.models.backbones.flux import FluxBackbone
     from addsr_pl.models.backbones.sd2 import SD2Backbone
     from addsr_pl.models.backbones.sd3 import SD3Backbone
     from addsr_pl.models.backbones.sdxl import SDXLBackbone
 
-    known = {b.name: b for b in (SD2Backbone, SD3Backbone, SDXLBackbone)}
+    known = {b.name: b for b in (SD2Backbone, SD3Backbone, SDXLBackbone, FluxBackbone)}
     if name not in known:
         raise ValueError(f"backbone {name!r}: must be one of {', '.join(known)}")
     return known[name]()
