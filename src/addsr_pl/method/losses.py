@@ -8,6 +8,8 @@ from torch import Tensor
 
 TA_SCHEDULES = ("exponential", "linear", "none")
 TA_INDEXING = ("graded", "official")
+# step: gamma per student step index (the paper's); continuous: gamma(t) of the graded step's timestep
+TA_FORMS = ("step", "continuous")
 
 
 def ta_weights(schedule, n_steps: int, exponential: dict, linear: dict) -> Tensor:
@@ -49,6 +51,38 @@ def ta_step_index(graded: Tensor, start: Tensor, k: int, n_steps: int, indexing:
     if indexing == "official":
         return start if k >= 2 else torch.full_like(graded, n_steps - 1)
     raise ValueError(f"method.ta_indexing = {indexing!r}: must be one of {TA_INDEXING}")
+
+
+def ta_continuous(t: Tensor, student_timesteps: Tensor, schedule, exponential: dict, linear: dict) -> Tensor:
+    """The TA weight as a function gamma(t) of a DDPM timestep t (float, any value), float64.
+
+    A step position s(t) runs piecewise linearly through (t_s, s) over the student's DDPM timesteps
+    t_1 > ... > t_n (clamped to [1, n] outside them), and the step weights of `ta_weights` are interpolated
+    at s: geometrically for `exponential` (base * ratio^(s-1) at any s), linearly otherwise (`linear`'s
+    own line; a list's weights joined by segments). At t = t_s, gamma is the step form's weight of step s.
+    """
+    weights = ta_weights(schedule, len(student_timesteps), exponential, linear).to(t.device)
+    if len(weights) == 1:
+        return weights.expand(t.shape).clone()
+    position = _step_position(t.double(), student_timesteps.to(t.device, torch.float64))
+    low = position.floor().long().clamp(1, len(weights) - 1)  # the step at or before s (1-based)
+    frac = position - low
+    w_low, w_high = weights[low - 1], weights[low]
+    if schedule == "exponential":
+        return exponential["base"] * torch.pow(
+            torch.tensor(exponential["ratio"], dtype=torch.float64), position - 1
+        )
+    return w_low + (w_high - w_low) * frac
+
+
+def _step_position(t: Tensor, nodes: Tensor) -> Tensor:
+    """s(t) in [1, n]: s at the node t_s (n >= 2 nodes, strictly decreasing), linear in t between nodes."""
+    n = len(nodes)
+    ascending = nodes.flip(0)  # t_n < ... < t_1, at positions n, ..., 1
+    right = torch.searchsorted(ascending, t).clamp(1, n - 1)
+    t_left, t_right = ascending[right - 1], ascending[right]
+    frac = ((t - t_left) / (t_right - t_left)).clamp(0, 1)
+    return (n - (right - 1)) - frac  # position n - (right - 1) at t_left, one less at t_right
 
 
 def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, c_t: Tensor) -> Tensor:
