@@ -24,12 +24,12 @@ STUDENT = torch.tensor(METHOD["student_timesteps"])  # the paper's DDPM timestep
 SCHEDULES = ["exponential", "linear", "none", [3.0, 0.5, 2.0, 1.0]]
 
 
-def gamma(t, schedule):
-    return ta_continuous(t, STUDENT, schedule, METHOD["ta"]["exponential"], METHOD["ta"]["linear"])
-
-
 def step_weights(schedule):
     return ta_weights(schedule, len(STUDENT), **METHOD["ta"])
+
+
+def gamma(t, schedule):
+    return ta_continuous(t, STUDENT, step_weights(schedule), schedule, METHOD["ta"]["exponential"])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=str)
@@ -66,9 +66,9 @@ def test_between_the_student_timesteps_gamma_is_monotone_and_interpolates_the_st
     # half way between t_1 = 999 and t_2 = 749: the geometric mean of their weights
     w = step_weights("exponential")
     torch.testing.assert_close(gamma(torch.tensor([874.0]), "exponential"), (w[0] * w[1]).sqrt().view(1))
-    # a list's weights joined by segments: half way between 0.5 (t_2) and 2.0 (t_3)
+    # a list's weights joined by segments: a half and three quarters of the way from 0.5 (t_2) to 2.0 (t_3)
     torch.testing.assert_close(
-        gamma(torch.tensor([624.0]), SCHEDULES[3]), torch.tensor([1.25], dtype=torch.float64)
+        gamma(torch.tensor([624.0, 561.5]), SCHEDULES[3]), torch.tensor([1.25, 1.625], dtype=torch.float64)
     )
 
 
@@ -88,6 +88,7 @@ def test_the_module_weights_each_graded_step_as_the_step_form_does(model, make_c
         start = torch.arange(n - k + 1)  # every unroll of k steps
         unroll = SimpleNamespace(start=start, k=k)  # what ta_weight reads of an Unroll
         torch.testing.assert_close(module.ta_weight(unroll), module.ta[start + k - 1], rtol=1e-5, atol=0)
+    assert module.ta_weight(unroll).dtype == module.ta.dtype
 
 
 def test_the_continuous_form_refuses_the_official_indexing(make_cfg):

@@ -53,26 +53,25 @@ def ta_step_index(graded: Tensor, start: Tensor, k: int, n_steps: int, indexing:
     raise ValueError(f"method.ta_indexing = {indexing!r}: must be one of {TA_INDEXING}")
 
 
-def ta_continuous(t: Tensor, student_timesteps: Tensor, schedule, exponential: dict, linear: dict) -> Tensor:
-    """The TA weight as a function gamma(t) of a DDPM timestep t (float, any value), float64.
+def ta_continuous(
+    t: Tensor, student_timesteps: Tensor, weights: Tensor, schedule, exponential: dict
+) -> Tensor:
+    """The TA weight as a function gamma(t) of DDPM timesteps t (floats, any value), in `weights`' dtype.
 
-    A step position s(t) runs piecewise linearly through (t_s, s) over the student's DDPM timesteps
-    t_1 > ... > t_n (clamped to [1, n] outside them), and the step weights of `ta_weights` are interpolated
-    at s: geometrically for `exponential` (base * ratio^(s-1) at any s), linearly otherwise (`linear`'s
-    own line; a list's weights joined by segments). At t = t_s, gamma is the step form's weight of step s.
+    `weights`: the step form's (`ta_weights` of `schedule`), one per student DDPM timestep t_1 > ... > t_n
+    (`student_timesteps`), on t's device. A step position s(t) runs piecewise linearly through (t_s, s),
+    clamped to [1, n] outside them, and gamma is the schedule at s: base * ratio^(s-1) for `exponential`
+    (geometric between steps), the weights joined by segments otherwise (`linear`'s own line, a list's
+    polyline). At t = t_s, gamma is the weight of step s.
     """
-    weights = ta_weights(schedule, len(student_timesteps), exponential, linear).to(t.device)
     if len(weights) == 1:
         return weights.expand(t.shape).clone()
-    position = _step_position(t.double(), student_timesteps.to(t.device, torch.float64))
-    low = position.floor().long().clamp(1, len(weights) - 1)  # the step at or before s (1-based)
-    frac = position - low
-    w_low, w_high = weights[low - 1], weights[low]
+    position = _step_position(t.double(), student_timesteps.double())
     if schedule == "exponential":
-        return exponential["base"] * torch.pow(
-            torch.tensor(exponential["ratio"], dtype=torch.float64), position - 1
-        )
-    return w_low + (w_high - w_low) * frac
+        return (exponential["base"] * exponential["ratio"] ** (position - 1)).to(weights.dtype)
+    low = position.floor().long().clamp(1, len(weights) - 1)  # the step at or before s (1-based)
+    frac = (position - low).to(weights.dtype)
+    return weights[low - 1] + (weights[low] - weights[low - 1]) * frac
 
 
 def _step_position(t: Tensor, nodes: Tensor) -> Tensor:

@@ -145,6 +145,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         )
         ta = ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"])
         self.register_buffer("ta", ta.float(), persistent=False)  # from the config, never from a checkpoint
+        # the DDPM timesteps TA's continuous form is interpolated over
+        self.register_buffer("ta_timesteps", ddpm_timesteps.double(), persistent=False)
 
     # ----------------------------------------------------------------- parameters and precision
     def student_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -284,8 +286,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         graded_index = unroll.start + unroll.k - 1
         if m["ta_form"] == "continuous":
             t = self.noise_schedule.ddpm_time(self.student_timesteps[graded_index])
-            ddpm_timesteps = torch.tensor(m["student_timesteps"])
-            return ta_continuous(t, ddpm_timesteps, m["ta_schedule"], **m["ta"]).float()
+            return ta_continuous(t, self.ta_timesteps, self.ta, m["ta_schedule"], m["ta"]["exponential"])
         n_steps = len(m["student_timesteps"])
         return self.ta[ta_step_index(graded_index, unroll.start, unroll.k, n_steps, m["ta_indexing"])]
 
