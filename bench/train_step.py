@@ -21,11 +21,15 @@ part, by least squares. Both rows tag exactly `TAGS_PER_IMAGE` tags per image wi
 
 Presets: `seesr` (SD2-base-sized SeeSR UNet + ControlNet with image cross-attention, a Swin-L RAM, the
 full 23-layer text encoder, DINO ViT-S/16 + DINOv2 ViT-S/14), `sd2` (SD2-base UNet + ControlNet, fixed
-prompt), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not a measurement).
+prompt), `sd35_medium` and `sdxl` (the public SD3.5-medium and SDXL-base architectures with RAM and the same
+discriminator; ours only), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not
+a measurement). `--plan-only --trainable controlnet,lora` prints each set's static plan and what it leaves
+of `--capacities` (24, 40, 80 GiB) for activations.
 
     python bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 --json out.json   # CUDA
     python bench/train_step.py --preset seesr --batch 2,4 --baseline-batch 2,4              # fixed parts
     python bench/train_step.py --tiny --json out.json                                         # CPU smoke
+    python bench/train_step.py --preset sd35_medium --plan-only --trainable controlnet,lora   # any machine
 """
 
 from __future__ import annotations
