@@ -1,7 +1,8 @@
 """Few-step SR latency and peak memory: our pipeline, as `addsr-pl upscale` runs it, against plain eager loops.
 
 Random weights of SD2-base's architecture (`--models sd2`: UNet + ControlNet + VAE) and of SeeSR's
-(`seesr`: the same plus image cross-attention and a Swin-L RAM); speed does not depend on weight
+(`seesr`: the same plus image cross-attention and a Swin-L RAM), of SD3.5-medium's and SDXL-base's
+(`sd35_medium`, `sdxl`: our rows only, built through the backbone); speed does not depend on weight
 values. LR `--lr-size`² -> SR 4x, 1 and 4 student steps with PSR. Rows, run in this order whatever `--rows`
 lists, each pipeline built, measured and freed alone (its peak includes its own weights only):
 
@@ -43,11 +44,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from addsr_pl.core.noise_schedule import noise_schedule_from
-from addsr_pl.core.sampler import Denoiser, upscale
+from addsr_pl.core.sampler import upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
 from addsr_pl.inference.speed import SpeedSettings, exported_defaults
 from addsr_pl.inference.upscaler import Upscaler
+from addsr_pl.models.backbones import backbone, component_parts
 from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.psr_decoder import PsrDecoder, build_tiny_autoencoder
 from addsr_pl.models.vae import VaeCodec
@@ -57,9 +58,17 @@ from addsr_pl.paths import config_dir
 MODELS = {
     "sd2": ("sd2_random", "fixed"),
     "seesr": ("sd2_seesr_random", "ram"),
+    # the public SD3.5-medium and SDXL-base architectures (docs/backbones.md "Memory at real size"); RAM's tags
+    "sd35_medium": ("sd35_medium_random", "ram"),
+    "sdxl": ("sdxl_random", "ram"),
+    # flux (FLUX.1-dev, 12 B): after the FLUX adapter, as flux_dev with random weights
     "tiny": ("tiny", "fixed"),
     "tiny_seesr": ("tiny_seesr", "tiny_ram"),
+    "sd3_tiny": ("sd3_tiny", "fixed"),
+    "sdxl_tiny": ("sdxl_tiny", "fixed"),
 }
+# The eager baselines write out SD2's UNet + ControlNet loop: other backbones get our rows only.
+BASELINE_BACKBONES = ("sd2",)
 # Run order: the baselines first (each ratio needs eager fp16), the compiled row last (the longest).
 ROWS = ("eager_fp16", "eager_bf16", "ours_eager", "ours_graph", "ours_graph_tiny_psr", "ours_compiled")
 # The small decoder's shape in these rows: TAESD's (conf/method/psr_decoder.yaml's architecture).
@@ -103,6 +112,11 @@ def compose_model(name: str, cache_dir: str):
     return parts, cond, list(cfg.method.student_timesteps), float(cfg.method.inference_psr_weight)
 
 
+def conditioning_scale() -> float:
+    """The ControlNet residuals' scale of conf/method/addsr.yaml, as training and the exported student use."""
+    return float(OmegaConf.load(config_dir() / "method" / "addsr.yaml").conditioning_scale)
+
+
 def small_decoder(codec: VaeCodec) -> PsrDecoder:
     architecture = OmegaConf.load(config_dir() / "method" / PSR_DECODER_METHOD).architecture
     return PsrDecoder(
@@ -116,13 +130,18 @@ def small_decoder(codec: VaeCodec) -> PsrDecoder:
 
 
 def ours(parts, cond, timesteps, psr_weight, speed: SpeedSettings, device, tiny_psr: bool) -> AddSRPipeline:
+    """The pipeline through the components' backbone; `timesteps` are DDPM's (the config's), mapped by the
+    backbone's schedule (equal-SNR sigmas under rectified flow)."""
+    family = backbone(parts.backbone)
+    named = component_parts(parts)
     codec = VaeCodec(parts.vae).eval()
+    schedule = family.noise_schedule(named, "student")
     pipeline = AddSRPipeline(
-        Denoiser(parts.unet, parts.controlnet).eval(),
+        family.denoiser({n: named[n] for n in family.networks}, codec, conditioning_scale()).eval(),
         codec,
-        Conditioner.from_config(parts.text_encoder, parts.tokenizer, parts.unet, cond).eval(),
-        noise_schedule_from(parts.scheduler, "student"),
-        timesteps,
+        family.conditioner(named, cond).eval(),
+        schedule,
+        schedule.from_ddpm(torch.tensor(timesteps)).tolist(),
         psr=True,
         psr_weight=psr_weight,
         scale=4,
@@ -288,7 +307,11 @@ def bench_model(name: str, args, device: torch.device, result: dict, save: Calla
     result |= {"rows": [], "ratios": {}}
     # Built once on the CPU (random initialisation of SD2-sized models takes seconds); each row gets a copy.
     source, cond, timesteps, psr_weight = compose_model(name, args.cache_dir)
-    for row in args.rows:
+    rows = args.rows
+    if source.backbone not in BASELINE_BACKBONES:
+        rows = [r for r in rows if not r.startswith("eager_")]
+        print(f"{name}: no eager baseline rows (they write out SD2's UNet + ControlNet loop)")
+    for row in rows:
         free(device)
         parts = copy.deepcopy(source)
         if row.startswith("eager_"):

@@ -21,11 +21,15 @@ part, by least squares. Both rows tag exactly `TAGS_PER_IMAGE` tags per image wi
 
 Presets: `seesr` (SD2-base-sized SeeSR UNet + ControlNet with image cross-attention, a Swin-L RAM, the
 full 23-layer text encoder, DINO ViT-S/16 + DINOv2 ViT-S/14), `sd2` (SD2-base UNet + ControlNet, fixed
-prompt), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not a measurement).
+prompt), `sd35_medium` and `sdxl` (the public SD3.5-medium and SDXL-base architectures with RAM and the same
+discriminator; ours only), `--tiny` (the tiny SeeSR-style preset on the CPU: a smoke run of the script, not
+a measurement). `--plan-only --trainable controlnet,lora` prints each set's static plan and what it leaves
+of `--capacities` (24, 40, 80 GiB) for activations.
 
     python bench/train_step.py --preset seesr --batch 2,4,8 --memory-cap 20 --json out.json   # CUDA
     python bench/train_step.py --preset seesr --batch 2,4 --baseline-batch 2,4              # fixed parts
     python bench/train_step.py --tiny --json out.json                                         # CPU smoke
+    python bench/train_step.py --preset sd35_medium --plan-only --trainable controlnet,lora   # any machine
 """
 
 from __future__ import annotations
@@ -65,15 +69,25 @@ FULL_SIZE = [
 ]
 # RAM with random weights: its architecture, no checkpoint files (a placeholder tag list is added below)
 RANDOM_RAM = ["conditioning=ram", "conditioning.tagger._target_=addsr_pl.models.ram.RAMTagger.random"]
+# the discriminator of every full-size preset: the paper's, random weights
+FULL_SIZE_DISCRIMINATOR = FULL_SIZE[1:4]
 PRESETS = {
     "seesr": [*FULL_SIZE, "+model.components.image_cross_attention_dim=512", *RANDOM_RAM],
     "sd2": [*FULL_SIZE, "conditioning=fixed"],
+    # the paper's recipe on other backbones at their public sizes (the plan; the iteration on a GPU)
+    "sd35_medium": ["model=sd35_medium_random", *FULL_SIZE_DISCRIMINATOR, *RANDOM_RAM],
+    "sdxl": ["model=sdxl_random", *FULL_SIZE_DISCRIMINATOR, *RANDOM_RAM],
+    # flux (FLUX.1-dev, 12 B): after the FLUX adapter, as model=flux_dev with random weights
     "tiny": ["model=tiny_seesr", "conditioning=tiny_ram"],
 }
+# the presets PlainRecipe (SD2's UNet + ControlNet written out) can run as the baseline
+BASELINE_PRESETS = ("seesr", "sd2", "tiny")
 # Nothing is read from these folders (random weights); set so that no Hydra run is needed to resolve them.
 PATHS = ["paths.cache_dir=/tmp/addsr_pl_bench", "paths.weights_dir=/tmp/addsr_pl_bench/no_weights"]
 # HR crop per preset (the LR is a quarter of it), as trained.
-CROP = {"seesr": 512, "sd2": 512, "tiny": 32}
+CROP = {"seesr": 512, "sd2": 512, "sd35_medium": 512, "sdxl": 512, "tiny": 32}
+# device memories (GiB) the plan-only run reports the static plan against: 24 GB, 40 GB and 80 GB cards
+PLAN_CAPACITIES_GIB = (24.0, 40.0, 80.0)
 # RAM with random weights would pass about 2,300 of its 4,585 thresholds per image (tokenising such a prompt
 # alone takes tens of ms); real images get about this many tags, so both rows tag exactly this many.
 TAGS_PER_IMAGE = 20
@@ -102,7 +116,7 @@ def compose_preset(preset: str, extra: list[str]) -> dict:
             overrides=[*PRESETS[preset], *WORKLOAD, *extra, *PATHS],
         )
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "conditioning", "method")}
-    if preset == "seesr":
+    if RANDOM_RAM[-1] in PRESETS[preset]:
         tagger = parts["conditioning"]["tagger"]
         for key in ("folder", "checkpoint", "tag_list", "tag_thresholds", "dape", "lora_alpha"):
             tagger.pop(key)
@@ -433,7 +447,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=["seesr", "sd2"], default="seesr")
+    parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"], default="seesr")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset on the CPU (smoke run)")
     parser.add_argument(
         "--batch", default=None, help="batches of ours, comma-separated (default 2,4,8; tiny 2)"
@@ -454,6 +468,17 @@ def main() -> None:
     parser.add_argument(
         "--plan-only", action="store_true", help="build ours, print the static memory plan, run nothing"
     )
+    parser.add_argument(
+        "--trainable",
+        default=None,
+        help="with --plan-only: method.trainable sets to plan side by side, comma-separated (controlnet,lora), "
+        "each against the device memories of --capacities",
+    )
+    parser.add_argument(
+        "--capacities",
+        default=",".join(f"{c:g}" for c in PLAN_CAPACITIES_GIB),
+        help="with --trainable: device memories in GiB, comma-separated",
+    )
     parser.add_argument("--json", default=None, help="write the result as one JSON object to this file")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for ours (method.memory.*=...)")
     args = parser.parse_args()
@@ -472,7 +497,9 @@ def main() -> None:
     # the counter is a dispatch mode: compiled regions would run under it uncompiled, so none is counted
     count_flops = not args.no_flops and not args.compile
     rows = []
-    if not args.no_baseline:
+    if preset not in BASELINE_PRESETS and not args.no_baseline:
+        print(f"no baseline for {preset}: PlainRecipe writes out SD2's UNet + ControlNet only")
+    if preset in BASELINE_PRESETS and not args.no_baseline:
         for batch in [int(b) for b in args.baseline_batch.split(",")]:
             fresh_peak(device)
             times, flops = run_baseline(
@@ -566,16 +593,70 @@ def main() -> None:
 
 def print_plan(preset: str, args, device: torch.device) -> None:
     """The start-up memory plan of ours as bf16-mixed training prints it; built on the meta device
-    (no weights are allocated), so any preset plans in seconds on any machine."""
-    with torch.device("meta"):
-        module = AddSRModule(**compose_preset(preset, args.overrides))
-    module.cast_frozen(torch.bfloat16)
+    (no weights are allocated), so any preset plans in seconds on any machine. With `--trainable`, one
+    plan per trainable set and the static part of each against `--capacities`."""
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
-    plan = module_memory_plan(module, capacity)
-    print(plan.table())
+    if args.trainable is None:
+        plan = meta_plan(preset, args.overrides, capacity)
+        print(plan.table())
+        result = {"preset": preset, "memory_plan": plan.as_dict()}
+    else:
+        plans = {
+            name: meta_plan(preset, [*args.overrides, f"method.trainable={name}"], capacity)
+            for name in args.trainable.split(",")
+        }
+        for name, plan in plans.items():
+            print(f"method.trainable={name}\n{plan.table()}\n")
+        capacities = [float(c) for c in args.capacities.split(",")]
+        print(static_fit_table(preset, plans, capacities))
+        result = {
+            "preset": preset,
+            "memory_plans": {name: plan.as_dict() for name, plan in plans.items()},
+            "static_fits": static_fits(plans, capacities),
+        }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": preset, "memory_plan": plan.as_dict()}, f, indent=2)
+            json.dump(result, f, indent=2)
+
+
+def meta_plan(preset: str, overrides: list[str], capacity: float | None):
+    with torch.device("meta"):
+        module = AddSRModule(**compose_preset(preset, overrides))
+    module.cast_frozen(torch.bfloat16)
+    return module_memory_plan(module, capacity)
+
+
+def static_fits(plans: dict, capacities: list[float]) -> dict[str, dict]:
+    """Per trainable set: its static GiB and, per device memory, what is left for activations (negative:
+    the static part alone does not fit)."""
+    return {
+        name: {
+            "static_gib": plan.device_gib,
+            "host_gib": plan.host_gib,
+            "trained_m": plan.components[0].trainable_m,
+            "left_for_activations_gib": {f"{c:g}": c - plan.device_gib for c in capacities},
+        }
+        for name, plan in plans.items()
+    }
+
+
+def static_fit_table(preset: str, plans: dict, capacities: list[float]) -> str:
+    head = f"{'trainable':<12}{'trained M':>10}{'static GiB':>12}" + "".join(
+        f"{f'{c:g} GiB':>14}" for c in capacities
+    )
+    lines = [
+        f"{preset}: static memory (weights, gradients, optimiser state, EMA; bf16 frozen parts) and what "
+        "it leaves of each device for activations. Static part only: activations are not included and "
+        "not measured here.",
+        head,
+    ]
+    for name, fit in static_fits(plans, capacities).items():
+        cells = "".join(
+            f"{(f'{left:.1f} left' if left > 0 else 'no'):>14}"
+            for left in fit["left_for_activations_gib"].values()
+        )
+        lines.append(f"{name:<12}{fit['trained_m']:>10.1f}{fit['static_gib']:>12.2f}{cells}")
+    return "\n".join(lines)
 
 
 def print_row(r: dict) -> None:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from addsr_pl.core.sampler import LR_RESIZES, NOISE_DRAWS, START_LATENTS
 from addsr_pl.core.student_format import MANIFEST
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
-from addsr_pl.method.losses import TA_INDEXING, TA_SCHEDULES
+from addsr_pl.method.losses import TA_FORMS, TA_INDEXING, TA_SCHEDULES
 from addsr_pl.method.psr_decoder import LOSSES
 from addsr_pl.models.conditioning import (
     PROMPT_JOINS,
@@ -66,6 +66,13 @@ def validate_method(method: dict, num_train_timesteps: int = 1000) -> None:
             "method.ta_schedule", list(schedule), f"a list needs one weight per student timestep ({len(ts)})"
         )
     _choice(method, "method", "ta_indexing", TA_INDEXING)
+    _choice(method, "method", "ta_form", TA_FORMS)
+    if method["ta_form"] == "continuous" and method["ta_indexing"] != "graded":
+        _fail(
+            "method.ta_form",
+            "continuous",
+            "gamma(t) reads the graded step's timestep: set method.ta_indexing=graded, or ta_form=step",
+        )
     _choice(method, "method", "teacher_condition", ("hr", "lr"))
     _choice(method, "method", "teacher_control_image", (None, "hr", "lr"))
     _choice(method, "method", "teacher_prompt_source", (None, "hr", "lr"))
@@ -554,6 +561,7 @@ SCHEMA: dict[str, Group] = {
                 }
             ),  # fmt: skip
             "ta_indexing": Choice(*TA_INDEXING),
+            "ta_form": Choice(*TA_FORMS),
             "lambda_adv": Float(0),
             "trainable": Choice(*TRAINABLE_SETS),
             "lora": Group(

@@ -89,6 +89,10 @@ class NoiseSchedule(ABC, nn.Module):
         `teacher_timestep_range` are DDPM's, the paper's): the same timesteps, or their equal-SNR form."""
 
     @abstractmethod
+    def ddpm_time(self, t: Tensor) -> Tensor:
+        """The DDPM timestep of the schedule's timesteps, continuous (float64): `from_ddpm`'s inverse."""
+
+    @abstractmethod
     def student_timesteps(self, n: int) -> list:
         """The default student timesteps of an n-step sampler, strictly decreasing."""
 
@@ -163,6 +167,9 @@ class DDPMSchedule(NoiseSchedule):
     def from_ddpm(self, t: Tensor) -> Tensor:
         return t
 
+    def ddpm_time(self, t: Tensor) -> Tensor:
+        return t.double()
+
     def student_timesteps(self, n: int) -> list[int]:
         return ddpm_student_timesteps(n, self.num_train_timesteps)
 
@@ -233,6 +240,21 @@ class RectifiedFlowSchedule(NoiseSchedule):
         """sigma at the SNR of the reference schedule's alpha_bar_t, shifted by `shift`; float32."""
         alpha_bar = self.reference_alphas_cumprod.to(t.device)[t.long()]
         return time_shift(equal_snr_sigma(alpha_bar), self.shift).float()
+
+    def ddpm_time(self, t: Tensor) -> Tensor:
+        """The DDPM t of sigma's SNR: the shift undone, alpha_bar = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2),
+        and t where the reference alpha_bar, taken linear between its integer timesteps, equals it
+        (clamped to [0, T - 1])."""
+        sigma = t.double()
+        sigma = sigma / (self.shift - (self.shift - 1) * sigma)  # time_shift's inverse
+        alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+        table = self.reference_alphas_cumprod.to(t.device, torch.float64)  # decreasing in t
+        ascending = table.flip(0)
+        right = torch.searchsorted(ascending, alpha_bar).clamp(1, len(table) - 1)
+        a_low, a_high = ascending[right - 1], ascending[right]
+        frac = ((alpha_bar - a_low) / (a_high - a_low)).clamp(0, 1)
+        # ascending[i] is alpha_bar at t = T - 1 - i
+        return (len(table) - 1 - (right - 1)) - frac
 
     def student_timesteps(self, n: int) -> list[float]:
         """The DDPM defaults (`ddpm_student_timesteps` of the reference schedule) at equal SNR, shifted by

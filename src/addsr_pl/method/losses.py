@@ -8,6 +8,8 @@ from torch import Tensor
 
 TA_SCHEDULES = ("exponential", "linear", "none")
 TA_INDEXING = ("graded", "official")
+# step: gamma per student step index (the paper's); continuous: gamma(t) of the graded step's timestep
+TA_FORMS = ("step", "continuous")
 
 
 def ta_weights(schedule, n_steps: int, exponential: dict, linear: dict) -> Tensor:
@@ -49,6 +51,37 @@ def ta_step_index(graded: Tensor, start: Tensor, k: int, n_steps: int, indexing:
     if indexing == "official":
         return start if k >= 2 else torch.full_like(graded, n_steps - 1)
     raise ValueError(f"method.ta_indexing = {indexing!r}: must be one of {TA_INDEXING}")
+
+
+def ta_continuous(
+    t: Tensor, student_timesteps: Tensor, weights: Tensor, schedule, exponential: dict
+) -> Tensor:
+    """The TA weight as a function gamma(t) of DDPM timesteps t (floats, any value), in `weights`' dtype.
+
+    `weights`: the step form's (`ta_weights` of `schedule`), one per student DDPM timestep t_1 > ... > t_n
+    (`student_timesteps`), on t's device. A step position s(t) runs piecewise linearly through (t_s, s),
+    clamped to [1, n] outside them, and gamma is the schedule at s: base * ratio^(s-1) for `exponential`
+    (geometric between steps), the weights joined by segments otherwise (`linear`'s own line, a list's
+    polyline). At t = t_s, gamma is the weight of step s.
+    """
+    if len(weights) == 1:
+        return weights.expand(t.shape).clone()
+    position = _step_position(t.double(), student_timesteps.double())
+    if schedule == "exponential":
+        return (exponential["base"] * exponential["ratio"] ** (position - 1)).to(weights.dtype)
+    low = position.floor().long().clamp(1, len(weights) - 1)  # the step at or before s (1-based)
+    frac = (position - low).to(weights.dtype)
+    return weights[low - 1] + (weights[low] - weights[low - 1]) * frac
+
+
+def _step_position(t: Tensor, nodes: Tensor) -> Tensor:
+    """s(t) in [1, n]: s at the node t_s (n >= 2 nodes, strictly decreasing), linear in t between nodes."""
+    n = len(nodes)
+    ascending = nodes.flip(0)  # t_n < ... < t_1, at positions n, ..., 1
+    right = torch.searchsorted(ascending, t).clamp(1, n - 1)
+    t_left, t_right = ascending[right - 1], ascending[right]
+    frac = ((t - t_left) / (t_right - t_left)).clamp(0, 1)
+    return (n - (right - 1)) - frac  # position n - (right - 1) at t_left, one less at t_right
 
 
 def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, c_t: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """The static memory of a training run, from parameter counts and dtypes, known before the first step.
 
-Weights, gradients, optimiser state and EMA per component (trainable and frozen), with the levers of
+Weights (parameters and buffers: SD3's positional embedding is a 226 M-element buffer), gradients,
+optimiser state and EMA per component (trainable and frozen), with the levers of
 `method.memory` in force: weights the student shares with the teacher are counted once, the EMA is
 counted where it lives. What is left of the device for activations decides the batch that fits;
 bench/train_step.py measures the activations per batch.
@@ -17,6 +18,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+# how the plan names a denoiser's networks
+NETWORK_NAMES = {"unet": "UNet", "controlnet": "ControlNet"}
 # Optimiser state bytes per trained parameter: AdamW keeps two fp32 moments; bitsandbytes' 8-bit AdamW
 # keeps two uint8 moments plus one fp32 absmax per 256-value block of each.
 OPTIMIZER_STATE_BYTES = {
@@ -31,6 +34,7 @@ OPTIMIZER_STATE_BYTES = {
 class ComponentMemory:
     name: str
     params_m: float  # millions of parameters held by this component (shared ones counted once)
+    buffers_m: float  # millions of buffer elements (non-trained tensors the weights include)
     trainable_m: float
     weights_gib: float
     grads_gib: float
@@ -65,11 +69,14 @@ class MemoryPlan:
         }
 
     def table(self) -> str:
-        head = f"{'component':<26}{'params M':>10}{'trained M':>11}{'weights':>9}{'grads':>8}{'optim':>8}{'EMA':>8}"
+        head = (
+            f"{'component':<32}{'params M':>10}{'buffers M':>11}{'trained M':>11}{'weights':>9}{'grads':>8}"
+            f"{'optim':>8}{'EMA':>8}"
+        )
         lines = ["Static memory plan (GiB)", head]
         for c in self.components:
             lines.append(
-                f"{c.name:<26}{c.params_m:>10.1f}{c.trainable_m:>11.1f}{c.weights_gib:>9.3f}"
+                f"{c.name:<32}{c.params_m:>10.1f}{c.buffers_m:>11.1f}{c.trainable_m:>11.1f}{c.weights_gib:>9.3f}"
                 f"{c.grads_gib:>8.3f}{c.optimizer_gib:>8.3f}{c.ema_gib:>8.3f}"
             )
         lines.append(
@@ -83,8 +90,8 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _bytes(params: list[nn.Parameter]) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def plan_components(
@@ -94,13 +101,14 @@ def plan_components(
 ) -> tuple[list[ComponentMemory], float]:
     """Per component: weights (as stored), gradients (trained parameters, in their dtype), optimiser
     state (by `optimizer_targets[name]`) and EMA (`ema[name]` = (element count, dtype, placement)).
-    A parameter object met in an earlier component is not counted again. Returns the rows and the
-    GiB held in host memory."""
+    The weights include the buffers. A parameter or buffer met in an earlier component is not counted
+    again. Returns the rows and the GiB held in host memory."""
     seen: set[int] = set()
     rows, host = [], 0.0
     for name, module in parts.items():
         params = [p for p in module.parameters() if id(p) not in seen]
-        seen |= {id(p) for p in params}
+        buffers = [b for b in module.buffers() if id(b) not in seen]
+        seen |= {id(t) for t in (*params, *buffers)}
         trained = [p for p in params if p.requires_grad]
         state = OPTIMIZER_STATE_BYTES.get(optimizer_targets.get(name, ""), 8.0) if trained else 0.0
         ema_gib = 0.0
@@ -115,8 +123,9 @@ def plan_components(
             ComponentMemory(
                 name=name,
                 params_m=sum(p.numel() for p in params) / 1e6,
+                buffers_m=sum(b.numel() for b in buffers) / 1e6,
                 trainable_m=sum(p.numel() for p in trained) / 1e6,
-                weights_gib=_bytes(params) / GIB,
+                weights_gib=_bytes([*params, *buffers]) / GIB,
                 grads_gib=_bytes(trained) / GIB,
                 optimizer_gib=sum(p.numel() for p in trained) * state / GIB,
                 ema_gib=ema_gib,
@@ -133,11 +142,13 @@ def module_memory_plan(module, capacity_gib: float | None = None) -> MemoryPlan:
     heads = nn.ModuleList(
         [sub for name, sub in disc.named_children() if name not in ("backbone", "conditioner")]
     )
+    # the denoiser's networks by name: "teacher UNet + ControlNet", "teacher transformer + ControlNet"
+    networks = " + ".join(NETWORK_NAMES.get(n, n) for n in module.teacher.networks())
     parts = {
         "student (trained)": nn.ParameterList([p for _, p in module.student_trainable()]),
-        "teacher UNet + ControlNet": module.teacher,
+        "VAE": module.codec,  # before the denoisers, which hold it where the control is a latent
+        f"teacher {networks}": module.teacher,
         "student (frozen, own)": module.student,  # what it does not share with the teacher
-        "VAE": module.codec,
         "text encoder": module.conditioner.prompt_encoder,
         "tagger": module.conditioner.tagger or nn.Module(),
         "discriminator backbone": disc.backbone,

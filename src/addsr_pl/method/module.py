@@ -23,6 +23,7 @@ from addsr_pl.method.losses import (
     distillation_loss,
     generator_loss,
     sample_unroll,
+    ta_continuous,
     ta_step_index,
     ta_weights,
 )
@@ -144,6 +145,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         )
         ta = ta_weights(method["ta_schedule"], len(method["student_timesteps"]), **method["ta"])
         self.register_buffer("ta", ta.float(), persistent=False)  # from the config, never from a checkpoint
+        # the DDPM timesteps TA's continuous form is interpolated over
+        self.register_buffer("ta_timesteps", ddpm_timesteps.double(), persistent=False)
 
     # ----------------------------------------------------------------- parameters and precision
     def student_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -276,6 +279,17 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)
         return x0_teacher, t
 
+    def ta_weight(self, unroll: Unroll) -> Tensor:
+        """TA's gamma per sample (Eq. 5): of the graded step's index (`method.ta_form: step`, the paper's) or
+        gamma(t) of its timestep, read as a DDPM t (`continuous`)."""
+        m = self.method
+        graded_index = unroll.start + unroll.k - 1
+        if m["ta_form"] == "continuous":
+            t = self.noise_schedule.ddpm_time(self.student_timesteps[graded_index])
+            return ta_continuous(t, self.ta_timesteps, self.ta, m["ta_schedule"], m["ta"]["exponential"])
+        n_steps = len(m["student_timesteps"])
+        return self.ta[ta_step_index(graded_index, unroll.start, unroll.k, n_steps, m["ta_indexing"])]
+
     def generator_step(
         self, unroll: Unroll, targets: tuple[Tensor, Tensor], c: Tensor, g_dev, last_micro: bool
     ) -> dict:
@@ -284,14 +298,13 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         opt_g, _ = self.optimizers()
         graded = unroll.graded
         n_steps = len(m["student_timesteps"])
-        graded_index = unroll.start + unroll.k - 1
-        ta_index = ta_step_index(graded_index, unroll.start, unroll.k, n_steps, m["ta_indexing"])
+        ta_weight = self.ta_weight(unroll)
         teacher_x0, teacher_t = targets
         with self.toggled_optimizer(opt_g):
             student_x0 = graded.x0_image if m["distill_space"] == "pixel" else graded.x0_latent
             c_t = self.noise_schedule.distillation_weight(teacher_t)
             per_sample = distillation_loss(student_x0, teacher_x0, c_t)
-            loss_dis = (per_sample * self.ta[ta_index]).mean()
+            loss_dis = (per_sample * ta_weight).mean()
             loss_dis = self.nonfinite.inject(loss_dis, self)
             loss_adv = generator_loss(self.discriminator(graded.x0_image, c, g_dev))
             loss = loss_dis + m["lambda_adv"] * loss_adv
@@ -302,7 +315,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             "loss_dis": loss_dis,
             "loss_g_adv": loss_adv,
             "loss_g": loss,
-            "ta_weight": self.ta[ta_index].mean(),
+            "ta_weight": ta_weight.mean(),
         }
         graded_host = unroll.start_host + unroll.k - 1  # on the CPU: choosing the logs waits for no kernel
         for s in range(n_steps):

@@ -341,9 +341,12 @@ def build_tiny_sd3_components(
     cache_dir: str,
     flow_shift: float = 1.0,
     zero_conv_std: float = 0.0,
+    clip_text_encoder_2: dict | None = None,
 ) -> SD3Components:
-    """Random-initialised SD3-shaped components from small config dicts (CPU, seconds): both CLIP
-    encoders from `clip_text_encoder`, T5 from `t5_text_encoder`, the character tokenizer for all three.
+    """Random-initialised SD3-shaped components from config dicts (the tiny ones: CPU, seconds): CLIP-L
+    from `clip_text_encoder`, CLIP-G from `clip_text_encoder_2` (default: the same), T5 from
+    `t5_text_encoder`, the character tokenizer for all three. A text encoder's `vocab_size` defaults to the
+    tokenizer's; a real-size preset sets the public one (the character ids stay below it).
 
     A fresh ControlNet's zero-initialised control embedding and output projections make it a no-op;
     `zero_conv_std > 0` draws them from N(0, std), so the random tiny teacher reads its control.
@@ -351,13 +354,11 @@ def build_tiny_sd3_components(
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
     special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        **special,
-        **clip_text_encoder,
-    )
+    base = {"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer_max_length} | special
+    clip_configs = [
+        CLIPTextConfig(**base | {"bos_token_id": tokenizer.bos_token_id} | config)
+        for config in (clip_text_encoder, clip_text_encoder_2 or clip_text_encoder)
+    ]
     transformer_model = SD3Transformer2DModel(**transformer)
     controlnet = _controlnet_from(transformer_model, controlnet_layers)
     if zero_conv_std > 0:
@@ -367,14 +368,13 @@ def build_tiny_sd3_components(
         transformer=transformer_model,
         controlnet=controlnet,
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModelWithProjection(clip_config),
-        text_encoder_2=CLIPTextModelWithProjection(clip_config),
+        text_encoder=CLIPTextModelWithProjection(clip_configs[0]),
+        text_encoder_2=CLIPTextModelWithProjection(clip_configs[1]),
         text_encoder_3=T5EncoderModel(
             T5Config(
-                vocab_size=len(tokenizer),
-                decoder_start_token_id=tokenizer.pad_token_id,
-                **special,
-                **t5_text_encoder,
+                **{"vocab_size": len(tokenizer), "decoder_start_token_id": tokenizer.pad_token_id}
+                | special
+                | t5_text_encoder
             )
         ),
         tokenizer=tokenizer,

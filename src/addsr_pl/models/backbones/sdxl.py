@@ -205,20 +205,24 @@ def build_tiny_sdxl_components(
     init_seed: int,
     cache_dir: str,
     zero_conv_std: float = 0.0,
+    text_encoder_2: dict | None = None,
 ) -> SDXLComponents:
-    """Random-initialised SDXL-shaped components from small config dicts (CPU, seconds): both CLIPs from
-    `text_encoder` (the second with a projection), the character tokenizer for both. `zero_conv_std` as in
-    `models.diffusion.build_tiny_components`."""
+    """Random-initialised SDXL-shaped components from config dicts (the tiny ones: CPU, seconds): CLIP-L
+    from `text_encoder`, CLIP-G (with its projection) from `text_encoder_2` (default: the same), the
+    character tokenizer for both; a text encoder's `vocab_size` defaults to the tokenizer's.
+    `zero_conv_std` as in `models.diffusion.build_tiny_components`."""
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **text_encoder,
-    )
+    base = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer_max_length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    text_configs = [
+        CLIPTextConfig(**base | config) for config in (text_encoder, text_encoder_2 or text_encoder)
+    ]
     unet_model = UNet2DConditionModel(**unet)
     controlnet_model = ControlNetModel.from_unet(unet_model, **controlnet)
     if zero_conv_std > 0:
@@ -229,8 +233,8 @@ def build_tiny_sdxl_components(
         unet=unet_model,
         controlnet=controlnet_model,
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        text_encoder=CLIPTextModel(text_configs[0]),
+        text_encoder_2=CLIPTextModelWithProjection(text_configs[1]),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         scheduler=DDPMScheduler(**scheduler),
