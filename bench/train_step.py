@@ -77,7 +77,7 @@ PRESETS = {
     # the paper's recipe on other backbones at their public sizes (the plan; the iteration on a GPU)
     "sd35_medium": ["model=sd35_medium_random", *FULL_SIZE_DISCRIMINATOR, *RANDOM_RAM],
     "sdxl": ["model=sdxl_random", *FULL_SIZE_DISCRIMINATOR, *RANDOM_RAM],
-    # flux (FLUX.1-dev, 12 B): after the FLUX adapter, as model=flux_dev with random weights
+    "flux_dev": ["model=flux_dev_random", *FULL_SIZE_DISCRIMINATOR, *RANDOM_RAM],
     "tiny": ["model=tiny_seesr", "conditioning=tiny_ram"],
 }
 # the presets PlainRecipe (SD2's UNet + ControlNet written out) can run as the baseline
@@ -85,7 +85,7 @@ BASELINE_PRESETS = ("seesr", "sd2", "tiny")
 # Nothing is read from these folders (random weights); set so that no Hydra run is needed to resolve them.
 PATHS = ["paths.cache_dir=/tmp/addsr_pl_bench", "paths.weights_dir=/tmp/addsr_pl_bench/no_weights"]
 # HR crop per preset (the LR is a quarter of it), as trained.
-CROP = {"seesr": 512, "sd2": 512, "sd35_medium": 512, "sdxl": 512, "tiny": 32}
+CROP = {"seesr": 512, "sd2": 512, "sd35_medium": 512, "sdxl": 512, "flux_dev": 512, "tiny": 32}
 # device memories (GiB) the plan-only run reports the static plan against: 24 GB, 40 GB and 80 GB cards
 PLAN_CAPACITIES_GIB = (24.0, 40.0, 80.0)
 # RAM with random weights would pass about 2,300 of its 4,585 thresholds per image (tokenising such a prompt

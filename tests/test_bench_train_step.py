@@ -87,15 +87,15 @@ SD3_TEXT = 123.650304 + 694.659840 + 4762.310656
 SD3_POS_EMBED = 384 * 384 * 1536 / 1e6  # pos_embed_max_size² x the transformer's width
 
 
-def plan_only(preset: str, tmp_path, monkeypatch) -> dict:
-    """bench/train_step.py --plan-only --trainable controlnet, in this process (its imports are paid once)."""
+def plan_only(preset: str, tmp_path, monkeypatch, trainable: str = "controlnet") -> dict:
+    """bench/train_step.py --plan-only --trainable <trainable>, in this process (its imports are paid once)."""
     sys.path.insert(0, str(BENCH.parent))
     try:
         from train_step import main
     finally:
         sys.path.remove(str(BENCH.parent))
     out = tmp_path / "plan.json"
-    argv = [str(BENCH), "--preset", preset, "--plan-only", "--trainable", "controlnet", "--json", str(out)]
+    argv = [str(BENCH), "--preset", preset, "--plan-only", "--trainable", trainable, "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     main()
     return json.loads(out.read_text())
@@ -131,3 +131,24 @@ def test_the_sd35_medium_plan_has_the_public_sd35_medium_sizes(tmp_path, monkeyp
     assert controlnet == pytest.approx(1261.169664, abs=0.1)
     assert rows["VAE"]["params_m"] == pytest.approx(SD3_VAE, abs=0.1)
     assert rows["text encoder"]["params_m"] == pytest.approx(SD3_TEXT, abs=0.1)
+
+
+# FLUX.1-dev: the transformer (19 double- and 38 single-stream blocks), FLUX's VAE (no quant convs), CLIP-L's
+# text tower and T5-XXL's encoder, as in the public checkpoint's safetensors.
+FLUX_TRANSFORMER, FLUX_VAE, FLUX_TEXT = 11901.408320, 83.819683, 123.060480 + 4762.310656
+
+
+def test_the_flux_dev_plan_has_the_public_flux_dev_sizes_and_lora_keeps_one_base(tmp_path, monkeypatch):
+    result = plan_only("flux_dev", tmp_path, monkeypatch, trainable="controlnet,lora")
+    full = {c["name"]: c for c in result["memory_plans"]["controlnet"]["components"]}
+    controlnet = full["student (trained)"]["trainable_m"]  # 4 double- and 10 single-stream blocks, copied
+    assert full["teacher transformer + ControlNet"]["params_m"] == pytest.approx(
+        FLUX_TRANSFORMER + controlnet, abs=0.1
+    )
+    assert full["VAE"]["params_m"] == pytest.approx(FLUX_VAE, abs=0.1)
+    assert full["text encoder"]["params_m"] == pytest.approx(FLUX_TEXT, abs=0.1)
+    lora = {c["name"]: c for c in result["memory_plans"]["lora"]["components"]}
+    # LoRA: the student's base weights are the teacher's, so the 12 B exist once
+    assert lora["student (frozen, own)"]["params_m"] == 0
+    assert 0 < lora["student (trained)"]["trainable_m"] < 0.01 * FLUX_TRANSFORMER
+    assert result["memory_plans"]["lora"]["device_gib"] < result["memory_plans"]["controlnet"]["device_gib"]

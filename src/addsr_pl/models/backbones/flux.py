@@ -384,21 +384,21 @@ def build_tiny_flux_components(
         transformer=transformer_model,
         controlnet=controlnet,
         vae=AutoencoderKL(**vae),
+        # a text encoder's `vocab_size` defaults to the character tokenizer's (a real-size preset keeps
+        # the public vocabulary's, so that its parameter count is the public model's)
         text_encoder=CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=tokenizer_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                **special,
-                **clip_text_encoder,
+                **{"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer_max_length}
+                | {"bos_token_id": tokenizer.bos_token_id}
+                | special
+                | clip_text_encoder
             )
         ),
         text_encoder_2=T5EncoderModel(
             T5Config(
-                vocab_size=len(tokenizer),
-                decoder_start_token_id=tokenizer.pad_token_id,
-                **special,
-                **t5_text_encoder,
+                **{"vocab_size": len(tokenizer), "decoder_start_token_id": tokenizer.pad_token_id}
+                | special
+                | t5_text_encoder
             )
         ),
         tokenizer=tokenizer,
