@@ -61,11 +61,12 @@ MODELS = {
     # the public SD3.5-medium and SDXL-base architectures (docs/backbones.md "Memory at real size"); RAM's tags
     "sd35_medium": ("sd35_medium_random", "ram"),
     "sdxl": ("sdxl_random", "ram"),
-    # flux (FLUX.1-dev, 12 B): after the FLUX adapter, as flux_dev with random weights
+    "flux_dev": ("flux_dev_random", "ram"),
     "tiny": ("tiny", "fixed"),
     "tiny_seesr": ("tiny_seesr", "tiny_ram"),
     "sd3_tiny": ("sd3_tiny", "fixed"),
     "sdxl_tiny": ("sdxl_tiny", "fixed"),
+    "flux_tiny": ("flux_tiny", "fixed"),
 }
 # The eager baselines write out SD2's UNet + ControlNet loop: other backbones get our rows only.
 BASELINE_BACKBONES = ("sd2",)
