@@ -35,7 +35,7 @@ def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
     # the teacher trained inside the demo; the ablation and the noise floor are the committed run's to check
     trained_here = [
         "teacher.checkpoint=null",
-        "teacher.max_steps=60",
+        "teacher.max_steps=20",
         "ablation.cells=null",
         "noise_floor.seeds=[]",
     ]

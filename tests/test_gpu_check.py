@@ -25,6 +25,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert {"inference", "degradation", "train_step", "graph_breaks", "gpu_tests"} <= set(result)
+    check_train_step_rows(json.loads((tmp_path / "out" / "train_step.json").read_text()))
     gpu_tests = result["gpu_tests"]
     assert gpu_tests["returncode"] == 0 and gpu_tests["skipped"] == len(gpu_tests["tests"]) >= 1
     assert result["graph_breaks"] == {
@@ -47,3 +48,25 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     if (ROOT / "bench" / "train_step.py").exists():
         assert result["train_step"] is not None
     assert "| tiny_seesr | ours_eager | 1 |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def check_train_step_rows(result: dict) -> None:
+    """bench/train_step.py --tiny's JSON: the baseline's and our rows, each with its FLOP count (one extra,
+    untimed iteration), the share of a card's peak (none on the CPU) and the paper's hours."""
+    assert result["preset"] == "tiny" and result["device"] == "cpu"
+    assert [(r["name"], r["batch"]) for r in result["rows"]] == [("baseline", 2), ("ours", 2)]
+    for r in result["rows"]:
+        assert r["samples_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_iteration"])
+        assert r["peak_gib"] is None  # not measured on the CPU
+        # a training iteration of the tiny preset is tens of MFLOP
+        assert 1e-5 < r["tflop_per_iteration"] < 1e-1
+        assert r["achieved_tflops"] == pytest.approx(r["tflop_per_iteration"] * 1000 / r["ms_per_iteration"])
+        assert r["share_of_bf16_peak"] is None  # no card
+        assert r["paper_hours"] == pytest.approx(300_000 / r["samples_per_s"] / 3600)
+    assert result["ratio_samples_per_s"] == pytest.approx(
+        result["rows"][1]["samples_per_s"] / result["rows"][0]["samples_per_s"]
+    )
+    assert result["largest_batch_under_cap"] == 2
+    plan = result["memory_plan"]
+    assert plan["levers"]["share_frozen_weights"] is True
+    assert plan["components"][0]["name"] == "student (trained)"
