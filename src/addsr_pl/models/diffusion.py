@@ -110,6 +110,20 @@ def require_file(path: str | Path, what: str, key: str) -> Path:
     return path
 
 
+def require_folder(
+    root: Path, layout: dict[str, tuple[str, str]], what: str, key: str, expected: str
+) -> None:
+    """A diffusers folder with every (subfolder, marker file) of `layout`, all missing ones named in one
+    line with the config key that chose the folder; `what` names the family, `expected` its subfolders."""
+    require_file(root, f"{what} folder", key)
+    missing = [f"{sub}/{marker}" for sub, marker in layout.values() if not (root / sub / marker).is_file()]
+    if missing:
+        raise MissingWeightsError(
+            f"{root} is not a complete diffusers {what} folder: missing {', '.join(missing)}. Set `{key}` to a "
+            f"folder with {expected}."
+        )
+
+
 def _check_sd2_folder(root: Path, key: str) -> None:
     require_file(root, "Stable Diffusion 2 folder", key)
     for name, (sub, marker) in SD2_LAYOUT.items():

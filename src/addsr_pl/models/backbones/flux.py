@@ -36,11 +36,23 @@ from transformers import (
     T5EncoderModel,
 )
 
-from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
+from addsr_pl.core.noise_schedule import NoiseSchedule
 from addsr_pl.models.backbones import Backbone
-from addsr_pl.models.backbones.sd3 import append_representation, pack_prompt, unpack_prompt
+from addsr_pl.models.backbones.sd3 import (
+    append_representation,
+    flow_noise_schedule,
+    pack_prompt,
+    representation_in_context,
+    unpack_prompt,
+)
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
-from addsr_pl.models.diffusion import MissingWeightsError, character_tokenizer, load_checked, require_file
+from addsr_pl.models.diffusion import (
+    MissingWeightsError,
+    character_tokenizer,
+    load_checked,
+    require_file,
+    require_folder,
+)
 
 # component -> (subfolder, file that must exist in it) of a diffusers FLUX.1 folder
 FLUX_LAYOUT = {
@@ -197,13 +209,7 @@ class FluxBackbone(Backbone):
     networks = ("transformer", "controlnet")
 
     def noise_schedule(self, parts: dict[str, Any], stage: str) -> NoiseSchedule:
-        # FLUX's resolution-dependent shift is never applied: only the pinned `flow_shift`
-        return noise_schedule_from(
-            parts["scheduler"],
-            stage,
-            reference=parts["reference_scheduler"],
-            shift=parts.get("flow_shift", 1.0),
-        )
+        return flow_noise_schedule(parts, stage)  # FLUX's resolution-dependent shift never applied
 
     def denoiser(
         self, networks: dict[str, nn.Module], codec: nn.Module, conditioning_scale: float
@@ -211,12 +217,7 @@ class FluxBackbone(Backbone):
         return FluxDenoiser(networks["transformer"], networks["controlnet"], codec, conditioning_scale)
 
     def conditioner(self, parts: dict[str, Any], conditioning: dict, resolve=None) -> Conditioner:
-        in_context = conditioning.get("representation_in_context", False)
-        if in_context and not conditioning.get("tagger"):
-            raise ValueError(
-                "conditioning.representation_in_context = true needs a tagger for the representation: set "
-                "conditioning.tagger (e.g. conditioning=ram) or representation_in_context=false"
-            )
+        in_context = representation_in_context(conditioning)
         guidance_scale = conditioning.get("guidance_scale")
         if guided(parts["transformer"]) and guidance_scale is None:
             raise ValueError(
@@ -272,19 +273,6 @@ def _check_instantx(controlnet: nn.Module, root: Path) -> None:
         )
 
 
-def _check_flux_folder(root: Path, key: str) -> None:
-    """Every component file of the folder, all missing ones named in one line."""
-    require_file(root, "FLUX.1 folder", key)
-    missing = [
-        f"{sub}/{marker}" for sub, marker in FLUX_LAYOUT.values() if not (root / sub / marker).is_file()
-    ]
-    if missing:
-        raise MissingWeightsError(
-            f"{root} is not a complete diffusers FLUX.1 folder: missing {', '.join(missing)}. Set `{key}` to "
-            "a folder with transformer/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/."
-        )
-
-
 def load_flux_components(
     pretrained_path: str,
     reference_scheduler: dict,
@@ -307,7 +295,9 @@ def load_flux_components(
     """
     key = "model.components.pretrained_path"
     root = Path(pretrained_path).expanduser()
-    _check_flux_folder(root, key)
+    require_folder(
+        root, FLUX_LAYOUT, "FLUX.1", key, "transformer/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/"
+    )
     transformer_root = Path(transformer_path).expanduser() if transformer_path else root
     require_file(
         transformer_root / "transformer" / "config.json",

@@ -40,7 +40,7 @@ from transformers import (
 from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
 from addsr_pl.models.backbones import Backbone
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
-from addsr_pl.models.diffusion import MissingWeightsError, character_tokenizer, load_checked, require_file
+from addsr_pl.models.diffusion import character_tokenizer, load_checked, require_file, require_folder
 
 # component -> (subfolder, file that must exist in it) of a diffusers SD3 / SD3.5 folder
 SD3_LAYOUT = {
@@ -196,18 +196,32 @@ class SD3Denoiser(nn.Module):
         )[0]
 
 
+def flow_noise_schedule(parts: dict[str, Any], stage: str) -> NoiseSchedule:
+    """The rectified-flow schedule of an MMDiT family (SD3, FLUX): equal-SNR sigmas of the reference DDPM
+    schedule with only the pinned `flow_shift`, never the scheduler's own shift (SD3's static one, FLUX's
+    by resolution). A student folder carries no shift: its exported timesteps are the shifted sigmas."""
+    return noise_schedule_from(
+        parts["scheduler"], stage, reference=parts["reference_scheduler"], shift=parts.get("flow_shift", 1.0)
+    )
+
+
+def representation_in_context(conditioning: dict) -> bool:
+    """`conditioning.representation_in_context`, refused without a tagger to give the representation."""
+    in_context = conditioning.get("representation_in_context", False)
+    if in_context and not conditioning.get("tagger"):
+        raise ValueError(
+            "conditioning.representation_in_context = true needs a tagger for the representation: set "
+            "conditioning.tagger (e.g. conditioning=ram) or representation_in_context=false"
+        )
+    return in_context
+
+
 class SD3Backbone(Backbone):
     name = "sd3"
     networks = ("transformer", "controlnet")
 
     def noise_schedule(self, parts: dict[str, Any], stage: str) -> NoiseSchedule:
-        # a student folder carries no shift: its exported timesteps are the shifted sigmas already
-        return noise_schedule_from(
-            parts["scheduler"],
-            stage,
-            reference=parts["reference_scheduler"],
-            shift=parts.get("flow_shift", 1.0),
-        )
+        return flow_noise_schedule(parts, stage)
 
     def denoiser(
         self, networks: dict[str, nn.Module], codec: nn.Module, conditioning_scale: float
@@ -216,12 +230,7 @@ class SD3Backbone(Backbone):
 
     def conditioner(self, parts: dict[str, Any], conditioning: dict, resolve=None) -> Conditioner:
         # SD3 has no image cross-attention: the representation, where used, joins the prompt's tokens
-        in_context = conditioning.get("representation_in_context", False)
-        if in_context and not conditioning.get("tagger"):
-            raise ValueError(
-                "conditioning.representation_in_context = true needs a tagger for the representation: set "
-                "conditioning.tagger (e.g. conditioning=ram) or representation_in_context=false"
-            )
+        in_context = representation_in_context(conditioning)
         encoder = SD3PromptEncoder(
             [parts["text_encoder"], parts["text_encoder_2"], parts["text_encoder_3"]],
             [parts["tokenizer"], parts["tokenizer_2"], parts["tokenizer_3"]],
@@ -252,19 +261,6 @@ def _controlnet_from(transformer: nn.Module, num_layers: int) -> nn.Module:
     return controlnet
 
 
-def _check_sd3_folder(root: Path, key: str) -> None:
-    """Every component file of the folder, all missing ones named in one line."""
-    require_file(root, "SD3 folder", key)
-    missing = [
-        f"{sub}/{marker}" for sub, marker in SD3_LAYOUT.values() if not (root / sub / marker).is_file()
-    ]
-    if missing:
-        raise MissingWeightsError(
-            f"{root} is not a complete diffusers SD3 folder: missing {', '.join(missing)}. Set `{key}` to a "
-            "folder with transformer/ vae/ text_encoder{,_2,_3}/ tokenizer{,_2,_3}/ scheduler/."
-        )
-
-
 def load_sd3_components(
     pretrained_path: str,
     reference_scheduler: dict,
@@ -284,7 +280,9 @@ def load_sd3_components(
     """
     key = "model.components.pretrained_path"
     root = Path(pretrained_path).expanduser()
-    _check_sd3_folder(root, key)
+    require_folder(
+        root, SD3_LAYOUT, "SD3", key, "transformer/ vae/ text_encoder{,_2,_3}/ tokenizer{,_2,_3}/ scheduler/"
+    )
     transformer_root = Path(transformer_path).expanduser() if transformer_path else root
     require_file(
         transformer_root / "transformer" / "config.json",

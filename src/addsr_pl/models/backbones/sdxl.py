@@ -24,7 +24,12 @@ from addsr_pl.core.sampler import Denoiser
 from addsr_pl.models.backbones import Backbone
 from addsr_pl.models.backbones.sd3 import pack_prompt, unpack_prompt
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
-from addsr_pl.models.diffusion import MissingWeightsError, character_tokenizer, load_checked, require_file
+from addsr_pl.models.diffusion import (
+    character_tokenizer,
+    load_checked,
+    require_file,
+    require_folder,
+)
 from addsr_pl.models.trainable import official_modules
 
 # component -> (subfolder, file that must exist in it) of a diffusers SDXL folder
@@ -157,15 +162,7 @@ def load_sdxl_components(
     folder names Euler's, whose training schedule is the same scaled-linear DDPM one)."""
     key = "model.components.pretrained_path"
     root = Path(pretrained_path).expanduser()
-    require_file(root, "SDXL folder", key)
-    missing = [
-        f"{sub}/{marker}" for sub, marker in SDXL_LAYOUT.values() if not (root / sub / marker).is_file()
-    ]
-    if missing:
-        raise MissingWeightsError(
-            f"{root} is not a complete diffusers SDXL folder: missing {', '.join(missing)}. Set `{key}` to a "
-            "folder with unet/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/."
-        )
+    require_folder(root, SDXL_LAYOUT, "SDXL", key, "unet/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/")
     unet_root = Path(unet_path).expanduser() if unet_path else root
     unet = load_checked(UNet2DConditionModel, unet_root, "unet", "model.components.unet_path")
     if controlnet_path:
