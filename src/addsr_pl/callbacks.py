@@ -21,6 +21,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from addsr_pl.logging import logging_step
+
 log = logging.getLogger(__name__)
 
 
@@ -209,7 +211,7 @@ class BadFileCount(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "bad_files"):
             return
-        if not trainer._logger_connector.should_update_logs:
+        if not logging_step(trainer):
             return  # a running count: written at the logging steps, with no device copy in between
         count = torch.tensor(float(len(datamodule.bad_files)), device=pl_module.device)
         pl_module.log("train/bad_files_skipped", count, batch_size=1, sync_dist=True, reduce_fx="sum")

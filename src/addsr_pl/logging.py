@@ -40,6 +40,11 @@ def local_log_dir(trainer) -> str:
     return str(trainer.default_root_dir)
 
 
+def logging_step(trainer) -> bool:
+    """Whether Lightning writes the logs at this step (`trainer.log_every_n_steps`)."""
+    return trainer._logger_connector.should_update_logs
+
+
 def log_where_computed(module, metrics: dict[str, Tensor]) -> None:
     """Log metrics that exist only at some iterations (per-step losses) straight to the loggers.
 
@@ -49,7 +54,7 @@ def log_where_computed(module, metrics: dict[str, Tensor]) -> None:
     trainer = module._trainer
     if not metrics or trainer is None or not trainer.loggers:
         return
-    if not trainer._logger_connector.should_update_logs:
+    if not logging_step(trainer):
         return
     values = {k: float(v.detach()) for k, v in metrics.items()}
     step = trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from addsr_pl.core.sampler import StudentStep, sample_student, upscale
 from addsr_pl.inference.pipeline import AddSRPipeline
-from addsr_pl.logging import log_where_computed
+from addsr_pl.logging import log_where_computed, logging_step
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.distributed import SyncedParts
 from addsr_pl.method.ema import EMA
@@ -384,15 +384,11 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             self.ema.update()
         self.log_iteration(logs, unroll.k, hr.shape[0])
 
-    def logging_step(self) -> bool:
-        """Whether Lightning writes the logs at this step (`log_every_n_steps`)."""
-        return self.trainer._logger_connector.should_update_logs
-
     def log_iteration(self, logs: dict, k: int, batch_size: int) -> None:
         """The iteration's values to the loggers and the progress bar, given at the logging steps only:
         a value given at another step is never written, yet giving it costs a wait for the device's queue
         (a host number is copied to the device; a progress-bar value is read on the host at once)."""
-        if not self.logging_step():
+        if not logging_step(self.trainer):
             return
         self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), batch_size=batch_size)
         logs["unroll_k"] = torch.tensor(float(k))
@@ -548,7 +544,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         if not grads:
             return
         norm = torch.nn.utils.clip_grad_norm_(grads, clip) if clip else None
-        if not self.logging_step():
+        if not logging_step(self.trainer):
             return  # see `log_iteration`
         if norm is None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))

@@ -375,11 +375,16 @@ class Conditioner(nn.Module):
         finally:
             self._passes = None
 
+    @staticmethod
+    def _pass_key(tagger: nn.Module, images: Tensor) -> tuple[int, int, int]:
+        """One tagger's forward on one images tensor, unmodified since (`one_pass_per_image`)."""
+        return (id(tagger), id(images), images._version)
+
     def _tagged(self, tagger: nn.Module, images: Tensor):
         """`tagger(images)`, once per (tagger, images) inside `one_pass_per_image`."""
         if self._passes is None:
             return tagger(images)
-        key = (id(tagger), id(images), images._version)
+        key = self._pass_key(tagger, images)
         if key not in self._passes:  # the images are kept with the output, so their id stays theirs
             self._passes[key] = (images, tagger(images))
         return self._passes[key][1]
@@ -447,9 +452,7 @@ class Conditioner(nn.Module):
     def represent(self, images: Tensor) -> Tensor | None:
         if not self.use_representation:
             return None
-        tagged = (
-            None if self._passes is None else self._passes.get((id(self.tagger), id(images), images._version))
-        )
+        tagged = None if self._passes is None else self._passes.get(self._pass_key(self.tagger, images))
         if tagged is not None:  # these images were tagged for a prompt in this pass
             return tagged[1].representation
         return self.tagger.representation(images)

@@ -665,9 +665,6 @@ class RAMTagger(nn.Module):
             for row in mask
         ]
 
-    def tags_from_logits(self, logits: Tensor) -> list[str]:
-        return self.tags_from_mask(self.mask_from_logits(logits))
-
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
     if not path.is_file():
