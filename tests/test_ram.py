@@ -355,3 +355,12 @@ def test_ram_cast_to_bf16_keeps_float32_thresholds_and_the_photos_tags(classes):
     assert fp32.tag_mask(x)[0].sum() > x.shape[0]  # the photos have tags
     assert ((probabilities[0] - thresholds).abs()[flips] <= error).all()
     assert flips.sum() <= (0 if classes == 5 else 1)
+
+
+def test_ram_runs_on_the_meta_device_for_flop_counts():
+    """FLOP counts and memory plans run RAM on the meta device, where autocast does not exist."""
+    tagger = RAMTagger(RAM(**TINY_RAM), [f"tag {i}" for i in range(TINY_RAM["num_classes"])],
+                       [0.5] * TINY_RAM["num_classes"], **PREPROCESS).to("meta")  # fmt: skip
+    mask, representation = tagger.tag_mask(torch.empty(2, 3, 32, 32, device="meta"))
+    assert mask.shape == (2, TINY_RAM["num_classes"]) and mask.is_meta
+    assert tagger.representation(torch.empty(2, 3, 32, 32, device="meta")).shape == representation.shape

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from addsr_pl.core.precision import autocast_off
 from addsr_pl.models.tagger import TaggerOutput, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -642,14 +643,14 @@ class RAMTagger(nn.Module):
         """(which tags each image has [B, classes] bool, representation [B, 1 + L, 512] float32) from one
         RAM pass, as tensors only (the prompt's ids are built from the mask on the device)."""
         # RAM runs in its own `dtype`, not in the trainer's autocast dtype: tags flip near thresholds
-        with torch.autocast(images.device.type, enabled=False):
+        with autocast_off(images.device.type):
             embeds = self.ram.image_embeds(self.preprocess(images))
             logits = self.ram.tag_logits(embeds)
         return self.mask_from_logits(logits), embeds.float()
 
     @torch.no_grad()
     def representation(self, images: Tensor) -> Tensor:
-        with torch.autocast(images.device.type, enabled=False):
+        with autocast_off(images.device.type):
             return self.ram.image_embeds(self.preprocess(images)).float()
 
     def mask_from_logits(self, logits: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import Tensor, nn
 
+from addsr_pl.core.precision import autocast_off
+
 
 class PixelUnshuffleCodec(ModelMixin, ConfigMixin):
     """A lossless stand-in for SD's VAE with the same geometry: each `factor` x `factor` block of pixels
@@ -120,4 +122,4 @@ class VaeCodec(nn.Module):
 
     def _autocast(self, inputs: Tensor):
         """Autocast off where `outside_autocast` (else left as the caller has it)."""
-        return torch.autocast(inputs.device.type, enabled=False) if self.outside_autocast else nullcontext()
+        return autocast_off(inputs.device.type) if self.outside_autocast else nullcontext()
