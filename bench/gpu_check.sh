@@ -4,6 +4,7 @@
 #   bash bench/gpu_check.sh            # CUDA, the default sections: at most 580 s (9 min 40 s), the sum of their limits
 #   SECTIONS="warm_start inference_sd2_compiled" bash bench/gpu_check.sh   # compile: at most 570 s
 #   SECTIONS="train_step_large" bash bench/gpu_check.sh                    # at most 180 s
+#   SECTIONS="train_step_compiled" bash bench/gpu_check.sh                 # at most 480 s
 #   bash bench/gpu_check.sh --smoke    # every section but warm_start on the CPU with tiny presets (a test runs it)
 #   SMOKE_WARM_START=1 bash bench/gpu_check.sh --smoke   # warm_start too (about 2 minutes more)
 #
@@ -15,6 +16,7 @@
 #   inference_seesr         110 s  the same rows at SeeSR size (image attention, Swin-L RAM), breakdown and FLOPs
 #   degradation              20 s  batch 16 on CUDA vs its per-sample path
 #   train_step              130 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline
+#                                  (ours with method.speed's CUDA graphs, not compiled: see train_step_compiled)
 #   gpu_tests                90 s  pytest -m gpu: the tests that need CUDA (CUDA graphs, the GPU degradation, ...),
 #                                  each one's outcome in gpu_tests.json
 #   graph_breaks             70 s  dynamo graph breaks of the tiny presets (CPU only; last, as it needs no GPU)
@@ -24,6 +26,8 @@
 #                                  loads it; each one's first call in seconds and torch's cache hit/miss counts
 #   inference_sd2_compiled  270 s  eager fp16 and ours compiled (mode default) at 4 steps, SD2 size
 #   train_step_large        180 s  ours at batch 4 and 8, no baseline
+#   train_step_compiled     480 s  ours at batch 2 with method.speed's defaults on CUDA (compiled and graphed);
+#                                  the compile time is printed apart from the iterations
 # The limits come from the first run on an NVIDIA H200 (docs/gpu_runs/2026-11-30-h200/): degradation 10 s, graph
 # breaks about 60 s (then the first section, cold imports included), SeeSR inference 109 s with one row more, the
 # training bench about 160 s at batches 2 and 4 (building the models on the CPU is much of each), and the first
@@ -39,7 +43,7 @@ cd "$ROOT"
 
 declare -A LIMIT=(
   [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
-  [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180
+  [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180 [train_step_compiled]=480
 )
 DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step gpu_tests graph_breaks"
 SECTIONS="${SECTIONS:-$DEFAULT_SECTIONS}"
@@ -55,7 +59,7 @@ fi
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
+rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,train_step_compiled,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 echo "python: $PY"
@@ -98,7 +102,10 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
       section "$name" "$limit" "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/$name.json" ;;
     train_step)
       [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
-        --batch 2 --memory-cap 20 --json "$OUT/$name.json" ;;
+        --batch 2 --memory-cap 20 --json "$OUT/$name.json" method.speed.compile=none ;;
+    train_step_compiled)
+      [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
+        --batch 2 --memory-cap 20 --no-baseline --no-flops --json "$OUT/$name.json" ;;
     graph_breaks)
       section "$name" "$limit" "$PY" bench/gpu_check.py graph-breaks --json "$OUT/$name.json" ;;
     gpu_tests)

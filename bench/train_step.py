@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import statistics
@@ -163,13 +164,13 @@ def fresh_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------- ours
 class IterationTimer(pl.Callback):
-    """Times the iterations after `warmup`; with `count_flops`, an extra first iteration (untimed) runs under
+    """Times the iterations after `warmup`; with `count_flops`, the first iteration (untimed) runs under
     torch's FLOP counter."""
 
     def __init__(self, device: torch.device, warmup: int, count_flops: bool):
         self.device, self.times, self._start = device, [], 0.0
         self.counter = FlopCounterMode(display=False) if count_flops else None
-        self.untimed = warmup + int(count_flops)
+        self.untimed = warmup
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         synchronize(self.device)
@@ -189,12 +190,22 @@ class IterationTimer(pl.Callback):
         return None if self.counter is None else self.counter.get_total_flops()
 
 
-def run_ours(
-    module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int, count_flops: bool
-) -> tuple[list[float], int | None]:
-    """(timed iteration seconds, FLOP of one iteration or None)."""
-    timer = IterationTimer(device, warmup, count_flops)
-    total = int(count_flops) + warmup + iters
+def count_ours_flops(module: AddSRModule, batch: int, crop: int, device) -> int:
+    """FLOP of one iteration of ours at `batch`, counted eager (method.speed off for this one fit)."""
+    speed = module.method["speed"]
+    module.method["speed"] = speed | {"compile": "none", "cuda_graph": False}
+    try:
+        return fit_ours(module, batch, crop, device, IterationTimer(device, 1, True), 1).flops
+    finally:
+        module.method["speed"] = speed
+
+
+def run_ours(module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
+    """The timed iterations' seconds, after `warmup` untimed ones (which hold any compilation)."""
+    return fit_ours(module, batch, crop, device, IterationTimer(device, warmup, False), warmup + iters).times
+
+
+def fit_ours(module: AddSRModule, batch: int, crop: int, device, timer: IterationTimer, total: int):
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -212,7 +223,7 @@ def run_ours(
         RandomPairs(batch * total, crop), batch_size=batch, pin_memory=device.type == "cuda"
     )
     trainer.fit(module, train_dataloaders=loader)
-    return timer.times, timer.flops
+    return timer
 
 
 # ----------------------------------------------------------------------------------- baseline
@@ -460,7 +471,11 @@ def main() -> None:
     parser.add_argument("--memory-cap", type=float, default=20.0, help="GiB")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; tiny 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; tiny 2)")
-    parser.add_argument("--compile", action="store_true", help="ours with method.memory.compile_student=true")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="ours without method.speed's compile and CUDA graphs (on by default on CUDA)",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
         "--no-flops", action="store_true", help="skip the FLOP count (one extra untimed iteration per row)"
@@ -494,8 +509,7 @@ def main() -> None:
         print_plan(preset, args, device)
         return
     print(f"preset {preset}, {crop}px HR crops, on {device}{note}", flush=True)
-    # the counter is a dispatch mode: compiled regions would run under it uncompiled, so none is counted
-    count_flops = not args.no_flops and not args.compile
+    count_flops = not args.no_flops
     rows = []
     if preset not in BASELINE_PRESETS and not args.no_baseline:
         print(f"no baseline for {preset}: PlainRecipe writes out SD2's UNet + ControlNet only")
@@ -509,17 +523,21 @@ def main() -> None:
             print_row(rows[-1])
         fresh_peak(device)
 
-    overrides = [*args.overrides, *(["method.memory.compile_student=true"] if args.compile else [])]
-    parts = compose_preset(preset, overrides)
+    eager = ["method.speed.compile=none", "method.speed.cuda_graph=false"] if args.eager else []
+    parts = compose_preset(preset, [*eager, *args.overrides])
     module = AddSRModule(**parts)
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
     compile_s = None
     for batch in batches:
         fresh_peak(device)
         try:
+            # FLOPs do not depend on the speed settings: counted eager (a graphed region would replay
+            # uncounted; compiled code is not traced under the counter's dispatch mode)
+            flops = count_ours_flops(module, batch, crop, device) if count_flops else None
+            fresh_peak(device)
             start = time.perf_counter()
-            times, flops = run_ours(module, batch, crop, device, warmup, iters, count_flops)
-            if args.compile and compile_s is None:  # the warmup iterations hold the compilation
+            times = run_ours(module, batch, crop, device, warmup, iters)
+            if module.speed.compile != "none" and compile_s is None:  # the warmup iterations hold it
                 compile_s = time.perf_counter() - start - sum(times)
         except RuntimeError as error:
             if not is_oom(error):
@@ -584,6 +602,8 @@ def main() -> None:
         "bf16_peak_tflops": bf16_peak_tflops(device),
         "paper_samples": PAPER_SAMPLES,
     }
+    result["speed"] = dataclasses.asdict(module.speed)
+    print("speed: " + ", ".join(f"{k}={v}" for k, v in result["speed"].items()))
     if compile_s is not None:
         result["compile_s"] = compile_s
     if args.json:

@@ -104,7 +104,10 @@ def test_on_cuda_an_iteration_synchronizes_once(tmp_path, cache_dir):
     cfg = compose_train(
         tmp_path,
         ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
-         "trainer.log_every_n_steps=10", "trainer.limit_val_batches=0", "data.crop_size=32"],
+         "trainer.log_every_n_steps=10", "trainer.limit_val_batches=0", "data.crop_size=32",
+         # the frozen half's CUDA graphs as by default; compiled, the same code in fewer kernels (its compile
+         # would take most of the GPU check's test section)
+         "method.speed.compile=none", "method.speed.cuda_graph=true"],
         cache_dir,
     )  # fmt: skip
     cfg.trainer.enable_progress_bar = True

@@ -12,7 +12,6 @@ from addsr_pl.core.sampler import upscale
 from addsr_pl.method.ema import EMA
 from addsr_pl.method.losses import distillation_loss, generator_loss
 from addsr_pl.method.memory import (
-    compile_repeated_blocks,
     decode_in_chunks,
     optimizer_options,
     shared_parameters,
@@ -288,22 +287,6 @@ def test_fused_adamw_only_on_cuda_and_the_8bit_adamw_is_a_choice(make_cfg):
     module = build(make_cfg, ["method.optimizer_g._target_=bitsandbytes.optim.AdamW8bit"])
     (opt_g, _), _ = module.configure_optimizers()
     assert type(opt_g).__name__ == "AdamW8bit"
-
-
-@pytest.mark.slow  # dynamo traces every block: about a minute on 2 CPU cores
-def test_regional_compile_of_the_student_blocks_keeps_the_loss(make_cfg, sample_pair):
-    plain = build(make_cfg)
-    compiled = build(make_cfg)
-    n = sum(
-        compile_repeated_blocks(m, backend="eager")
-        for m in (compiled.student.unet, compiled.student.controlnet)
-    )
-    assert n > 0
-    loss_plain, grads_plain = generator_loss_and_grads(plain, sample_pair)
-    loss_compiled, grads_compiled = generator_loss_and_grads(compiled, sample_pair)
-    torch.testing.assert_close(loss_compiled, loss_plain, rtol=1e-6, atol=1e-7)
-    for name in grads_plain:
-        torch.testing.assert_close(grads_compiled[name], grads_plain[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ from addsr_pl.core.student_format import MANIFEST
 from addsr_pl.inference.speed import COMPILE_MODES, COMPILE_SCOPES, PRECISION_CHOICES
 from addsr_pl.method.losses import TA_FORMS, TA_INDEXING, TA_SCHEDULES
 from addsr_pl.method.psr_decoder import LOSSES
+from addsr_pl.method.speed import COMPILE_BACKENDS
 from addsr_pl.models.conditioning import (
     PROMPT_JOINS,
     PROMPT_SOURCES,
@@ -589,8 +590,18 @@ SCHEMA: dict[str, Group] = {
                     "ema_dtype": Choice("float32", "bfloat16"),
                     "fused_adamw": Bool(),
                     "discriminator_batched": Bool(),
-                    "compile_student": Bool(),
-                    "compile_options": ANY,
+                }
+            ),
+            "speed": Group(
+                {
+                    "channels_last": OneOf(Choice("auto"), Bool()),
+                    "tf32": OneOf(Choice("auto"), Bool()),
+                    "compile": Choice("auto", *COMPILE_MODES),
+                    "compile_backend": Choice(*COMPILE_BACKENDS),
+                    "cuda_graph": OneOf(Choice("auto"), Bool()),
+                    "cuda_graph_warmup": POSITIVE,
+                    "cuda_graph_cache": POSITIVE,
+                    "tagger_in_compute_dtype": OneOf(Choice("auto"), Bool()),
                 }
             ),
             "val_steps": ListOf(POSITIVE),

@@ -10,9 +10,10 @@
   None yet: a fresh start, so one command serves a job's first start and its requeues.
 * Every checkpoint carries the run's resolved config; on resume the `method`, `model`, `data`,
   `conditioning` and `seed` of the new config must equal it, except keys under `resume.allow_changes`
-  and keys whose value comes from `paths.*` (folders of weights and caches may move). Allowed changes
-  of optimizer hyper-parameters are applied over the restored optimizer state. An unknown key in
-  `resume.allow_changes` is refused, naming the closest known one.
+  and keys whose value comes from `paths.*` (folders of weights and caches may move); `method.speed` is
+  never compared (how fast, not what is computed). Allowed changes of optimizer hyper-parameters are
+  applied over the restored optimizer state. An unknown key in `resume.allow_changes` is refused, naming
+  the closest known one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "addsr_config"
 # Sections whose change alters what is trained; trainer, logger, callbacks, paths and the like pass.
 COMPARED_SECTIONS = ("method", "model", "data", "conditioning", "seed")
+# How fast the iteration runs, not what it computes: never compared (a run resumes compiled or eager).
+# memory.compile_student and compile_options were method.speed's before it (older checkpoints hold them).
+NOT_COMPARED = ("method.speed", "method.memory.compile_student", "method.memory.compile_options")
 # Restored from the checkpoint whatever the config says: refused even when allowed.
 RESTORED_STATE = ("method.lr_scheduler", "method.optimizer_g._target_", "method.optimizer_d._target_")
 OPTIMIZERS = ("optimizer_g", "optimizer_d")  # in the order of configure_optimizers
@@ -166,7 +170,11 @@ def changed_keys(saved: dict, current: dict, sections=COMPARED_SECTIONS) -> list
     """Dotted keys of `sections` whose value differs, is new or is gone, sorted."""
     old = flatten({s: saved[s] for s in sections if s in saved})
     new = flatten({s: current[s] for s in sections if s in current})
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, KeyError) != new.get(k, KeyError))
+    return sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k, KeyError) != new.get(k, KeyError) and not is_allowed(k, NOT_COMPARED)
+    )
 
 
 def is_allowed(key: str, allowed) -> bool:

@@ -130,15 +130,20 @@ def signature(tensors: list[Tensor | None], constants: tuple[Hashable, ...]) -> 
 
 
 class SamplerGraphs:
-    """CUDA graphs of one function `fn(tensors, constants) -> Tensor`, one per `signature`.
+    """CUDA graphs of one function `fn(tensors, constants) -> Tensor` (or a tuple of tensors), one per
+    `signature`.
 
     The first call with a new signature copies its inputs into static buffers, runs `fn` `warmup`
     times on a side stream, captures it into a graph (all graphs share one memory pool, which is safe
     because each replay's output is cloned before the next) and replays it; later calls copy their
-    inputs into the buffers and replay. `None` inputs stay None.
+    inputs into the buffers and replay. `None` inputs stay None. Under autocast (training), warm-up and
+    capture run with autocast's cast cache off: a cached cast would live in the graph's memory after
+    autocast freed it.
     """
 
-    def __init__(self, fn: Callable[[list[Tensor | None], tuple], Tensor], warmup: int, max_graphs: int):
+    def __init__(
+        self, fn: Callable[[list[Tensor | None], tuple], Tensor | tuple], warmup: int, max_graphs: int
+    ):
         self.fn = fn
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -162,20 +167,32 @@ class SamplerGraphs:
             if buffer is not None:
                 buffer.copy_(value)
         graph.replay()
+        if isinstance(static_output, tuple):
+            return tuple(None if t is None else t.clone() for t in static_output)
         return static_output.clone()
 
     def _capture(self, tensors: list[Tensor | None], constants: tuple):
         static_inputs = [None if t is None else t.clone() for t in tensors]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), uncached_autocast():
             for _ in range(self.warmup):
                 self.fn(static_inputs, constants)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool), uncached_autocast():
             static_output = self.fn(static_inputs, constants)
         self.captures += 1
         return graph, static_inputs, static_output
+
+
+def uncached_autocast():
+    """CUDA autocast as it is now (on or off, its dtype) with its cast cache off."""
+    return torch.autocast(
+        "cuda",
+        dtype=torch.get_autocast_dtype("cuda"),
+        enabled=torch.is_autocast_enabled("cuda"),
+        cache_enabled=False,
+    )

@@ -32,7 +32,6 @@ MEMORY_SWITCHES = (
     "vae_outside_autocast",
     "fused_adamw",
     "discriminator_batched",
-    "compile_student",
 )
 
 
@@ -46,8 +45,6 @@ def check_memory_config(memory: dict) -> None:
         raise ValueError(
             f"method.memory.teacher_decode_chunk = {chunk!r}: must be null (all at once) or >= 1"
         )
-    if not isinstance(memory["compile_options"], dict):
-        raise ValueError(f"method.memory.compile_options = {memory['compile_options']!r}: must be a mapping")
 
 
 def copy_sharing_frozen(model: nn.Module, trained_ids: set[int]) -> nn.Module:

@@ -29,7 +29,6 @@ from addsr_pl.method.losses import (
 )
 from addsr_pl.method.memory import (
     check_memory_config,
-    compile_repeated_blocks,
     copy_sharing_frozen,
     decode_in_chunks,
     enable_gradient_checkpointing,
@@ -37,6 +36,7 @@ from addsr_pl.method.memory import (
 )
 from addsr_pl.method.memory_plan import report_memory_plan
 from addsr_pl.method.nonfinite import NonFiniteGuard, step_alone, step_apart
+from addsr_pl.method.speed import FrozenRegion, TrainingSpeed, apply_training_speed
 from addsr_pl.models.backbones import backbone, component_parts
 from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.vae import VaeCodec
@@ -99,6 +99,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         # under DDP, the student's and the discriminator's own wrappers (`wrap_for_ddp`); not submodules
         self.synced = SyncedParts()
         self.allreduced_bytes = 0  # by the last iteration
+        self.use_speed(TrainingSpeed.eager())  # `setup` applies `method.speed` for the trainer's device
 
     def build(self, model: dict, conditioning: dict, method: dict) -> None:
         components = instantiate(model["components"], _convert_="all")
@@ -156,21 +157,34 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         return [(n, p) for n, p in self.discriminator.named_parameters() if p.requires_grad]
 
     def setup(self, stage: str) -> None:
-        """Frozen parts in the compute dtype of the trainer's precision; trained weights stay fp32."""
+        """Frozen parts in the compute dtype of the trainer's precision; trained weights stay fp32; the
+        speed settings of `method.speed` for the trainer's device."""
         dtype = PRECISION_DTYPES.get(str(self.trainer.precision), torch.float32)
-        self.cast_frozen(dtype)
-        if self.method["memory"]["compile_student"]:
-            for model in self.student.networks().values():
-                compile_repeated_blocks(model, **self.method["memory"]["compile_options"])
+        device = self.trainer.strategy.root_device
+        speed = TrainingSpeed.for_device(self.method["speed"], device)
+        self.cast_frozen(dtype, tagger=speed.tagger_in_compute_dtype)
+        if speed != self.speed:  # a second fit of this module keeps what the first one compiled
+            apply_training_speed(self, speed, device)
+            self.use_speed(speed)
         report_memory_plan(self)
 
-    def cast_frozen(self, dtype: torch.dtype) -> None:
-        # the tagger keeps its configured dtype (conditioning.tagger.dtype)
+    def use_speed(self, speed: TrainingSpeed) -> None:
+        """The frozen half's regions (method/speed.py): eager, compiled or CUDA-graphed by `speed`."""
+        self.speed = speed
+        self.frozen_encode = FrozenRegion(lambda images, _: self.codec.encode(images[0]), speed)
+        self.frozen_teacher_x0 = FrozenRegion(self.teacher_x0, speed)
+        self.frozen_condition = FrozenRegion(lambda images, _: self.discriminator.condition(images[0]), speed)
+
+    def cast_frozen(self, dtype: torch.dtype, tagger: bool = False) -> None:
+        """The frozen parts in `dtype`; the tagger too with `tagger` (`method.speed.tagger_in_compute_dtype`,
+        its per-tag thresholds stay fp32), else in its configured dtype (conditioning.tagger.dtype)."""
+        taggers = [t for t in (self.conditioner.tagger, self.conditioner.train_tagger) if t is not None]
         for module in (
             self.teacher,
             self.codec,
             self.conditioner.prompt_encoder,
             self.discriminator.backbone,
+            *(taggers if tagger else []),
         ):
             module.to(dtype)
         self.discriminator.conditioner.to(dtype)
@@ -207,9 +221,8 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         blank = torch.rand(hr.shape[0], generator=g_cpu) < m["null_text_ratio"]
         prompt_source = {"hr": hr, "lr": lr_up}[m["student_prompt_source"]]
         text_embeds = self.conditioner.text_embeds(prompt_source, blank, training=True)
-        with torch.no_grad():
-            hr_latent = self.codec.encode(hr)
-            start_latent = hr_latent if m["student_start"] == "hr" else self.codec.encode(lr_up)
+        hr_latent = self.frozen_encode([hr])
+        start_latent = hr_latent if m["student_start"] == "hr" else self.frozen_encode([lr_up])
         noises = [
             torch.randn(start_latent.shape, generator=g_dev, device=self.device, dtype=start_latent.dtype)
         ]
@@ -257,9 +270,6 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         t = self.noise_schedule.from_ddpm(
             torch.randint(low, high, (b * n,), generator=g_dev, device=self.device)
         )
-        z_t = self.noise_schedule.add_noise(
-            x0.repeat_interleave(n, 0), unroll.noise.repeat_interleave(n, 0), t
-        )
         image = {"hr": hr, "lr": unroll.lr_up}
         control = image[m["teacher_control_image"] or m["teacher_condition"]]
         prompt_source = image[m["teacher_prompt_source"] or m["teacher_condition"]]
@@ -269,15 +279,25 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
             if image_prompt
             else unroll.text_embeds
         )
-        conditioning = Conditioning(text, self.conditioner.represent(prompt_source)).repeat(n)
+        representation = self.conditioner.represent(prompt_source)
+        x0_teacher = self.frozen_teacher_x0([x0, unroll.noise, t, control, text, representation], (n,))
+        return x0_teacher, t
+
+    def teacher_x0(self, tensors: list[Tensor | None], constants: tuple[int]) -> Tensor:
+        """The teacher's x0 of the student's x0 re-noised at `t` (n per sample; `teacher_targets`): a
+        function of tensors, so `method.speed` may compile it and capture it as a CUDA graph."""
+        x0, noise, t, control, text, representation = tensors
+        (n,) = constants
+        z_t = self.noise_schedule.add_noise(x0.repeat_interleave(n, 0), noise.repeat_interleave(n, 0), t)
+        conditioning = Conditioning(text, representation).repeat(n)
         prediction = self.teacher(
             z_t, self.noise_schedule.model_timestep(t), control.repeat_interleave(n, 0), conditioning
         )
         x0_teacher = self.noise_schedule.predict_x0(z_t, prediction, t)
-        if m["distill_space"] == "pixel":
-            chunk = m["memory"]["teacher_decode_chunk"]
+        if self.method["distill_space"] == "pixel":
+            chunk = self.method["memory"]["teacher_decode_chunk"]
             x0_teacher = decode_in_chunks(self.codec, x0_teacher, chunk).clamp(0, 1)
-        return x0_teacher, t
+        return x0_teacher
 
     def ta_weight(self, unroll: Unroll) -> Tensor:
         """TA's gamma per sample (Eq. 5): of the graded step's index (`method.ta_form: step`, the paper's) or
@@ -359,7 +379,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         with self.conditioner.one_pass_per_image():
             unroll = self.student_unroll(hr, lr_up, g_cpu, g_dev)
             targets = self.teacher_targets(unroll, hr, g_dev)
-        c = self.discriminator.condition(lr_up)
+        c = self.frozen_condition([lr_up])
         undo_d = None
         if self.method["gd_order"] == "discriminator_first":
             # the official order: D steps on this batch's x0 first, then G faces the updated D
