@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 
 from addsr_pl.method.module import AddSRModule
-from addsr_pl.method.speed import TrainingSpeed
+from addsr_pl.method.speed import TrainingSpeed, training_compile_cache
 from addsr_pl.resume import read_checkpoint
 from addsr_pl.train import build_callbacks, build_module, build_trainer, train
 
@@ -22,6 +22,7 @@ SPEED = {
     "tf32": "auto",
     "compile": "auto",
     "compile_backend": "inductor",
+    "compile_cache": None,
     "cuda_graph": "auto",
     "cuda_graph_warmup": 2,
     "cuda_graph_cache": 4,
@@ -143,3 +144,21 @@ def test_the_tagger_runs_in_the_compute_dtype_only_when_asked(make_cfg, in_compu
     assert tagger.ram.fc.weight.dtype == (torch.bfloat16 if in_compute_dtype else torch.float32)
     assert tagger.class_thresholds.dtype == torch.float32
     assert module.teacher.unet.dtype == torch.bfloat16
+
+
+def test_a_training_run_keeps_its_compiled_graphs_in_one_entry_per_architecture(make_cfg, tmp_path):
+    """The same config finds the same entry of the compile cache (a requeued run loads its graphs); another
+    architecture or compile mode finds another."""
+    speed = TrainingSpeed.for_device({**SPEED, "compile": "default"}, torch.device("cpu"))
+    cpu = torch.device("cpu")
+
+    def entry(overrides, speed=speed):
+        module = AddSRModule(**to_dicts(make_cfg(overrides)))
+        return training_compile_cache(module, speed, cpu, str(tmp_path)).folder
+
+    tiny = entry([])
+    assert tiny == entry([]) and tiny.parent == tmp_path
+    assert entry(["model=tiny_seesr", "conditioning=tiny_ram"]) != tiny
+    assert (
+        entry([], TrainingSpeed.for_device({**SPEED, "compile": "max-autotune-no-cudagraphs"}, cpu)) != tiny
+    )

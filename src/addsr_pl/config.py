@@ -598,6 +598,7 @@ SCHEMA: dict[str, Group] = {
                     "tf32": OneOf(Choice("auto"), Bool()),
                     "compile": Choice("auto", *COMPILE_MODES),
                     "compile_backend": Choice(*COMPILE_BACKENDS),
+                    "compile_cache": Optional(Str()),
                     "cuda_graph": OneOf(Choice("auto"), Bool()),
                     "cuda_graph_warmup": POSITIVE,
                     "cuda_graph_cache": POSITIVE,

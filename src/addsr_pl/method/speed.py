@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from addsr_pl.inference.compile_cache import CompileCache, architecture_digest, cache_key, default_root
 from addsr_pl.inference.speed import COMPILE_MODES, SamplerGraphs, apply_memory_format, apply_tf32
 from addsr_pl.method.memory import compile_repeated_blocks
 
@@ -157,3 +158,17 @@ def apply_training_speed(module, speed: TrainingSpeed, device: torch.device) -> 
         block.compile(**options)
         compiled += 1
     return compiled
+
+
+def training_compile_cache(
+    module, speed: TrainingSpeed, device: torch.device, root: str | None
+) -> CompileCache:
+    """Where a training run keeps its compiled graphs: an entry of the compile cache that upscaling uses
+    (inference/compile_cache.py; `root` null: $ADDSR_PL_COMPILE_CACHE, else ~/.cache/addsr-pl/compile), keyed
+    by the architecture of every network of the iteration, the compute dtype, the device, torch and the
+    compile settings. A restarted or requeued run loads its graphs instead of compiling them again."""
+    networks = [module.student, module.teacher, module.codec, module.conditioner, module.discriminator]
+    dtype = next(module.teacher.parameters()).dtype
+    settings = {"compile": speed.compile, "compile_scope": "training", "channels_last": speed.channels_last}
+    key = cache_key(architecture_digest("training", networks), dtype, device, settings)
+    return CompileCache(root or default_root(), key, 0.0)
