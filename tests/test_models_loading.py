@@ -131,3 +131,16 @@ def test_train_names_the_fix_in_one_line(make_cfg, seesr_folder, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "model=sd2_seesr" in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "what"), [("unet_path", "teacher UNet"), ("controlnet_path", "teacher ControlNet")]
+)
+def test_a_teacher_folder_without_its_network_names_the_file_and_the_key(sd2_folder, tmp_path, key, what):
+    root, _ = sd2_folder
+    sub = key.removesuffix("_path")
+    with pytest.raises(MissingWeightsError) as error:
+        load_sd2_components(str(root), **{key: str(tmp_path / "empty")})
+    message = str(error.value)
+    assert f"{what} ({sub}/config.json)" in message and str(tmp_path / "empty" / sub) in message
+    assert f"model.components.{key}" in message and "\n" not in message

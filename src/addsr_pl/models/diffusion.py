@@ -110,6 +110,16 @@ def require_file(path: str | Path, what: str, key: str) -> Path:
     return path
 
 
+def load_teacher_network(cls, folder: str | Path, subfolder: str, what: str) -> nn.Module:
+    """A teacher network (`what`: UNet, ControlNet, transformer) from `folder/<subfolder>/`: its config.json
+    required, its weights refused as `load_checked` refuses them; `model.components.<subfolder>_path` is the
+    config key that names the folder."""
+    root = Path(folder).expanduser()
+    key = f"model.components.{subfolder}_path"
+    require_file(root / subfolder / "config.json", f"teacher {what} ({subfolder}/config.json)", key)
+    return load_checked(cls, root, subfolder, key)
+
+
 def require_folder(
     root: Path, layout: dict[str, tuple[str, str]], what: str, key: str, expected: str
 ) -> None:
@@ -145,18 +155,9 @@ def load_sd2_components(
     root = Path(pretrained_path).expanduser()
     _check_sd2_folder(root, "model.components.pretrained_path")
     unet_root = Path(unet_path).expanduser() if unet_path else root
-    require_file(
-        unet_root / "unet" / "config.json", "teacher UNet (unet/config.json)", "model.components.unet_path"
-    )
-    unet = load_checked(UNet2DConditionModel, unet_root, "unet", "model.components.unet_path")
+    unet = load_teacher_network(UNet2DConditionModel, unet_root, "unet", "UNet")
     if controlnet_path:
-        cn_root = Path(controlnet_path).expanduser()
-        require_file(
-            cn_root / "controlnet" / "config.json",
-            "teacher ControlNet (controlnet/config.json)",
-            "model.components.controlnet_path",
-        )
-        controlnet = load_checked(ControlNetModel, cn_root, "controlnet", "model.components.controlnet_path")
+        controlnet = load_teacher_network(ControlNetModel, controlnet_path, "controlnet", "ControlNet")
     else:
         controlnet = ControlNetModel.from_unet(unet)
     return DiffusionComponents(

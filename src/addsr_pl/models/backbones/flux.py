@@ -49,8 +49,7 @@ from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncode
 from addsr_pl.models.diffusion import (
     MissingWeightsError,
     character_tokenizer,
-    load_checked,
-    require_file,
+    load_teacher_network,
     require_folder,
 )
 
@@ -299,25 +298,10 @@ def load_flux_components(
         root, FLUX_LAYOUT, "FLUX.1", key, "transformer/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/"
     )
     transformer_root = Path(transformer_path).expanduser() if transformer_path else root
-    require_file(
-        transformer_root / "transformer" / "config.json",
-        "teacher transformer (transformer/config.json)",
-        "model.components.transformer_path",
-    )
-    transformer = load_checked(
-        FluxTransformer2DModel, transformer_root, "transformer", "model.components.transformer_path"
-    )
+    transformer = load_teacher_network(FluxTransformer2DModel, transformer_root, "transformer", "transformer")
     if controlnet_path:
-        cn_root = Path(controlnet_path).expanduser()
-        require_file(
-            cn_root / "controlnet" / "config.json",
-            "teacher ControlNet (controlnet/config.json)",
-            "model.components.controlnet_path",
-        )
-        controlnet = load_checked(
-            FluxControlNetModel, cn_root, "controlnet", "model.components.controlnet_path"
-        )
-        _check_instantx(controlnet, cn_root)
+        controlnet = load_teacher_network(FluxControlNetModel, controlnet_path, "controlnet", "ControlNet")
+        _check_instantx(controlnet, Path(controlnet_path).expanduser())
     else:
         controlnet = _controlnet_from(transformer, controlnet_layers, controlnet_single_layers)
     return FluxComponents(

@@ -40,7 +40,7 @@ from transformers import (
 from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
 from addsr_pl.models.backbones import Backbone
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
-from addsr_pl.models.diffusion import character_tokenizer, load_checked, require_file, require_folder
+from addsr_pl.models.diffusion import character_tokenizer, load_teacher_network, require_folder
 
 # component -> (subfolder, file that must exist in it) of a diffusers SD3 / SD3.5 folder
 SD3_LAYOUT = {
@@ -284,24 +284,9 @@ def load_sd3_components(
         root, SD3_LAYOUT, "SD3", key, "transformer/ vae/ text_encoder{,_2,_3}/ tokenizer{,_2,_3}/ scheduler/"
     )
     transformer_root = Path(transformer_path).expanduser() if transformer_path else root
-    require_file(
-        transformer_root / "transformer" / "config.json",
-        "teacher transformer (transformer/config.json)",
-        "model.components.transformer_path",
-    )
-    transformer = load_checked(
-        SD3Transformer2DModel, transformer_root, "transformer", "model.components.transformer_path"
-    )
+    transformer = load_teacher_network(SD3Transformer2DModel, transformer_root, "transformer", "transformer")
     if controlnet_path:
-        cn_root = Path(controlnet_path).expanduser()
-        require_file(
-            cn_root / "controlnet" / "config.json",
-            "teacher ControlNet (controlnet/config.json)",
-            "model.components.controlnet_path",
-        )
-        controlnet = load_checked(
-            SD3ControlNetModel, cn_root, "controlnet", "model.components.controlnet_path"
-        )
+        controlnet = load_teacher_network(SD3ControlNetModel, controlnet_path, "controlnet", "ControlNet")
     else:
         controlnet = _controlnet_from(transformer, controlnet_layers)
     return SD3Components(

@@ -26,8 +26,7 @@ from addsr_pl.models.backbones.sd3 import pack_prompt, unpack_prompt
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
 from addsr_pl.models.diffusion import (
     character_tokenizer,
-    load_checked,
-    require_file,
+    load_teacher_network,
     require_folder,
 )
 from addsr_pl.models.trainable import official_modules
@@ -164,15 +163,9 @@ def load_sdxl_components(
     root = Path(pretrained_path).expanduser()
     require_folder(root, SDXL_LAYOUT, "SDXL", key, "unet/ vae/ text_encoder{,_2}/ tokenizer{,_2}/ scheduler/")
     unet_root = Path(unet_path).expanduser() if unet_path else root
-    unet = load_checked(UNet2DConditionModel, unet_root, "unet", "model.components.unet_path")
+    unet = load_teacher_network(UNet2DConditionModel, unet_root, "unet", "UNet")
     if controlnet_path:
-        cn_root = Path(controlnet_path).expanduser()
-        require_file(
-            cn_root / "controlnet" / "config.json",
-            "teacher ControlNet (controlnet/config.json)",
-            "model.components.controlnet_path",
-        )
-        controlnet = load_checked(ControlNetModel, cn_root, "controlnet", "model.components.controlnet_path")
+        controlnet = load_teacher_network(ControlNetModel, controlnet_path, "controlnet", "ControlNet")
     else:
         controlnet = ControlNetModel.from_unet(unet)
     return SDXLComponents(
