@@ -17,6 +17,8 @@
 #   degradation              20 s  batch 16 on CUDA vs its per-sample path
 #   train_step              130 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline
 #                                  (ours with method.speed's CUDA graphs, not compiled: see train_step_compiled)
+#   ddp_scaling             240 s  machines with 2+ GPUs (skipped in a second otherwise): bench/ddp_scaling.py, ours at
+#                                  batch 2 per GPU on 1 and on every GPU (trainer=ddp's strategy), the efficiency
 #   gpu_tests                90 s  pytest -m gpu: the tests that need CUDA (CUDA graphs, the GPU degradation, ...),
 #                                  each one's outcome in gpu_tests.json
 #   graph_breaks             70 s  dynamo graph breaks of the tiny presets (CPU only; last, as it needs no GPU)
@@ -44,8 +46,9 @@ cd "$ROOT"
 declare -A LIMIT=(
   [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
   [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180 [train_step_compiled]=480
+  [ddp_scaling]=240
 )
-DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step gpu_tests graph_breaks"
+DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step ddp_scaling gpu_tests graph_breaks"
 SECTIONS="${SECTIONS:-$DEFAULT_SECTIONS}"
 if [[ $SMOKE -eq 0 ]]; then
   for name in $SECTIONS; do
@@ -59,7 +62,7 @@ fi
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,train_step_compiled,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
+rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,train_step_compiled,ddp_scaling,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 echo "python: $PY"
@@ -76,6 +79,7 @@ if ! "$PY" -c "import diffusers, hydra, omegaconf, kornia" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 declare -A SECONDS_OF
 FAILED=0
 section() {  # section NAME LIMIT_S COMMAND...: run under a time limit, record its seconds and exit code
@@ -106,6 +110,14 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
     train_step_compiled)
       [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
         --batch 2 --memory-cap 20 --no-baseline --no-flops --json "$OUT/$name.json" ;;
+    ddp_scaling)
+      if (( GPUS < 2 )); then
+        echo "== $name: $GPUS GPU(s), scaling needs at least 2: skipped"
+        echo "{\"skipped\": \"$GPUS GPU(s): scaling needs at least 2\"}" > "$OUT/$name.json"
+      else
+        section "$name" "$limit" "$PY" bench/ddp_scaling.py --preset seesr --devices "$GPUS" --batch 2 \
+          --json "$OUT/$name.json" method.speed.compile=none
+      fi ;;
     graph_breaks)
       section "$name" "$limit" "$PY" bench/gpu_check.py graph-breaks --json "$OUT/$name.json" ;;
     gpu_tests)
@@ -135,6 +147,7 @@ if [[ $SMOKE -eq 1 ]]; then
   if [[ -f bench/train_step.py ]]; then
     section train_step 600 "$PY" bench/train_step.py --tiny --json "$OUT/train_step.json"
   fi
+  section ddp_scaling 300 "$PY" bench/ddp_scaling.py --tiny --devices 2 --warmup 0 --iters 1 --json "$OUT/ddp_scaling.json"
   section gpu_tests 300 "$PY" bench/gpu_check.py gpu-tests --json "$OUT/gpu_tests.json"
   # two tiny compiles from an empty cache and one from the full one: minutes on a CPU, so only when asked
   # (SMOKE_WARM_START=1); tests/test_compile_cache.py runs the same across two processes of the CLI
@@ -143,7 +156,10 @@ if [[ $SMOKE -eq 1 ]]; then
   fi
 else
   total=0
-  for name in $SECTIONS; do total=$((total + LIMIT[$name])); done
+  for name in $SECTIONS; do
+    if [[ $name == ddp_scaling ]] && (( GPUS < 2 )); then continue; fi  # skipped at once
+    total=$((total + LIMIT[$name]))
+  done
   echo "sections: $SECTIONS; at most ${total} s (the sum of their limits)"
   for name in $SECTIONS; do gpu_section "$name"; done
 fi

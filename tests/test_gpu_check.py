@@ -45,6 +45,13 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert model["tiled"]["sr"] == 64
     assert model["throughput"]["batch"] == 8 and model["throughput"]["folder_images_per_s"] > 0
     assert result["degradation"]["pairs_per_s"]["batched"]["median"] > 0
+    # bench/ddp_scaling.py: one process, then two (gloo); only the second all-reduces
+    one, two = result["ddp_scaling"]["runs"]
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert one["allreduce_mib_per_iteration"] == 0 < two["allreduce_mib_per_iteration"]
+    assert result["ddp_scaling"]["efficiency"] == pytest.approx(
+        two["samples_per_s"] / (2 * one["samples_per_s"])
+    )
     if (ROOT / "bench" / "train_step.py").exists():
         assert result["train_step"] is not None
     assert "| tiny_seesr | ours_eager | 1 |" in (tmp_path / "out" / "gpu_check.md").read_text()
