@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from addsr_pl.callbacks import Preempted, Preemption, SignalAt
 from addsr_pl.config import ConfigError, validate
 from addsr_pl.method.export import export_student
+from addsr_pl.method.lever_probe import PLAN_CONFIG_KEY, plan_for_run
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
@@ -295,6 +296,8 @@ def fit_and_export(
     """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export;
     `preemption` is the pre-emption callback among `callbacks` (None without one)."""
     with wandb_run_ends_with_job():
+        if cfg.stage == "addsr":  # levers and micro-batch into cfg before the data and the module exist
+            config[PLAN_CONFIG_KEY] = plan_for_run(cfg, ckpt_path).as_dict()
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
         module = build_module_for_run(cfg)

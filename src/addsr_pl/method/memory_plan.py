@@ -162,7 +162,8 @@ def module_memory_plan(module, capacity_gib: float | None = None) -> MemoryPlan:
     ema_count = sum(p.numel() for _, p in module.student_trainable())
     ema = {"student (trained)": (ema_count, module.ema.dtype, module.ema.placement)}
     rows, host = plan_components(parts, targets, ema)
-    levers = dict(memory) | {
+    # the plan's own settings are not levers (its choice is in the lever keys)
+    levers = {k: v for k, v in memory.items() if k not in ("plan", "manual", "probe")} | {
         "optimizer_g": m["optimizer_g"]["_target_"],
         "frozen_dtype": str(next(module.teacher.parameters()).dtype).removeprefix("torch."),
     }
