@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: writes $OUT/gpu_check.json and $OUT/gpu_check.md.
 #
-#   bash bench/gpu_check.sh            # CUDA, the default sections: at most 580 s (9 min 40 s), the sum of their limits
+#   bash bench/gpu_check.sh            # CUDA, the default sections: at most 700 s (11 min 40 s), the sum of their limits
 #   SECTIONS="warm_start inference_sd2_compiled" bash bench/gpu_check.sh   # compile: at most 570 s
 #   SECTIONS="train_step_large" bash bench/gpu_check.sh                    # at most 180 s
 #   bash bench/gpu_check.sh --smoke    # every section but warm_start on the CPU with tiny presets (a test runs it)
@@ -14,7 +14,8 @@
 #                                  2048² -> 8192² tiled run's peak (FLOPs: exact on the meta device, see the doc)
 #   inference_seesr         110 s  the same rows at SeeSR size (image attention, Swin-L RAM), breakdown and FLOPs
 #   degradation              20 s  batch 16 on CUDA vs its per-sample path
-#   train_step              130 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline
+#   train_step              250 s  bench/train_step.py --preset seesr, ours at batch 2 against the plain baseline, then
+#                                  ours plan=auto at batch 6 (the plan's probe, its choice and that run)
 #   gpu_tests                90 s  pytest -m gpu: the tests that need CUDA (CUDA graphs, the GPU degradation, ...),
 #                                  each one's outcome in gpu_tests.json
 #   graph_breaks             70 s  dynamo graph breaks of the tiny presets (CPU only; last, as it needs no GPU)
@@ -38,7 +39,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 declare -A LIMIT=(
-  [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
+  [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=250 [graph_breaks]=70
   [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180
 )
 DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step gpu_tests graph_breaks"
@@ -98,7 +99,7 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
       section "$name" "$limit" "$PY" bench/gpu_check.py degradation --device cuda --json "$OUT/$name.json" ;;
     train_step)
       [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
-        --batch 2 --memory-cap 20 --json "$OUT/$name.json" ;;
+        --batch 2 --memory-cap 20 --plan-auto --plan-batch 6 --json "$OUT/$name.json" ;;
     graph_breaks)
       section "$name" "$limit" "$PY" bench/gpu_check.py graph-breaks --json "$OUT/$name.json" ;;
     gpu_tests)

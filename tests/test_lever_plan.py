@@ -129,6 +129,8 @@ def test_manual_values_fill_only_the_levers_left_auto():
 
 
 def test_on_the_cpu_auto_says_so_and_the_micro_batch_reaches_data_and_accumulation(make_cfg, capsys):
+    defaults = make_cfg(sub="defaults").method.memory
+    assert defaults.plan == "auto" and {defaults[k] for k in (*PLAN_LEVERS, "micro_batch")} == {"auto"}
     cfg = make_cfg(["data.batch_size=4", "method.accumulate_grad_batches=2", "method.memory.micro_batch=2"])
     choice = plan_for_run(cfg)
     assert "method.memory.plan=auto applies on CUDA only" in capsys.readouterr().out
