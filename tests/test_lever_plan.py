@@ -1,6 +1,8 @@
 """`method.memory.plan`: the choice from measurements given as data, and the plan of a CPU run."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,10 +106,23 @@ def test_settings_you_made_are_kept_and_shown_as_yours():
     assert choice.levers["teacher_decode_chunk"] is None  # still the plan's
 
 
+def test_among_equal_rates_the_lower_peak_wins():
+    one_call, chunked = (dict(zip(PLAN_LEVERS, (True, True, chunk))) for chunk in (None, 2))
+    points = [
+        Measurement(levers, b, 20.0 + b - (levers is chunked), 1.0)
+        for levers in (one_call, chunked)
+        for b in (1, 2)
+    ]
+    choice = choose_levers(points, STATIC_GIB, 80.0, 2.0, 2, "auto", [])
+    assert choice.levers == chunked and choice.micro_batch == 2
+    same = [Measurement(levers, b, 20.0, 1.0) for levers in (one_call, chunked) for b in (1, 2)]
+    assert choose_levers(same, STATIC_GIB, 80.0, 2.0, 2, "auto", []).micro_batch == 2
+
+
 def test_a_micro_batch_that_ran_out_of_memory_rules_out_every_larger_one():
     levers = dict(zip(PLAN_LEVERS, (False, False, None)))
     points = [Measurement(levers, 1, 20.0, 1.0), Measurement(levers, 2, math.inf, math.inf)]
-    assert predict(points, 1) == (20.0, 1.0, True)
+    assert predict(points, 1) == (20.0, 1.0)
     assert math.isinf(predict(points, 4)[0])
     assert predict(points[:1], 4) is None  # one micro-batch gives no line
 
@@ -214,3 +229,27 @@ def test_a_probe_point_reads_the_peak_of_real_iterations(make_cfg):
     assert 0 < small.peak_gib < large.peak_gib < math.inf and 0 < small.seconds < math.inf
     static = module_memory_plan(module).device_gib
     assert small.peak_gib > static  # the weights, their gradients and AdamW's moments were on the device
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_is_one_line_and_exit_code_2(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "addsr_pl.train",
+            "model=tiny",
+            "trainer=cpu",
+            "data.batch_size=4",
+            "method.memory.micro_batch=3",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "addsr-pl train: error: method.memory.micro_batch = 3: must divide the effective batch "
+        "data.batch_size x method.accumulate_grad_batches = 4 ([1, 2, 4]), or be auto" in done.stderr
+    )
+    assert "Traceback" not in done.stderr

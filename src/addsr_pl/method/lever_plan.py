@@ -104,7 +104,7 @@ class LeverChoice:
     samples_per_s: float | None
     set_by_user: list[str] = field(default_factory=list)
     reasons: dict = field(default_factory=dict)
-    mode: str = "auto"  # auto | manual | cpu | several processes | resumed
+    mode: str = "auto"  # auto | auto, kept from the checkpoint | manual | cpu | several processes
 
     def as_dict(self) -> dict:
         return {
@@ -165,21 +165,21 @@ def _line(points: list[tuple[int, float]], b: int) -> float:
     return mean_y + slope * (b - mean_x)
 
 
-def predict(points: list[Measurement], b: int) -> tuple[float, float, bool] | None:
-    """(peak GiB, seconds, measured) of one lever combination at micro-batch `b`: the measurement at `b`,
+def predict(points: list[Measurement], b: int) -> tuple[float, float] | None:
+    """(peak GiB, seconds) of one lever combination at micro-batch `b`: the measurement at `b`,
     inf where a micro-batch up to `b` ran out of memory, else the line through the finite points (peak
     and time grow linearly with the batch); None where fewer than two micro-batches were measured."""
     at_b = [m for m in points if m.micro_batch == b]
     if at_b:
-        return at_b[0].peak_gib, at_b[0].seconds, True
+        return at_b[0].peak_gib, at_b[0].seconds
     if any(math.isinf(m.peak_gib) and m.micro_batch <= b for m in points):
-        return math.inf, math.inf, False
+        return math.inf, math.inf
     finite = [m for m in points if not math.isinf(m.peak_gib)]
     if len({m.micro_batch for m in finite}) < 2:
         return None
     peak = _line([(m.micro_batch, m.peak_gib) for m in finite], b)
     seconds = _line([(m.micro_batch, m.seconds) for m in finite], b)
-    return peak, max(seconds, 1e-9), False
+    return peak, max(seconds, 1e-9)
 
 
 def describe(levers: dict) -> str:
@@ -203,13 +203,13 @@ def choose_levers(
     for m in measurements:
         groups.setdefault(m.key, []).append(m)
     batches = divisors(effective) if micro_batch == AUTO else [int(micro_batch)]
-    options = []  # (samples/s, -peak, levers, b, peak, measured)
+    options = []  # (samples/s, -peak, levers, b, peak)
     for key, points in groups.items():
         for b in batches:
             predicted = predict(points, b)
             if predicted is None:
                 continue
-            peak, seconds, _ = predicted
+            peak, seconds = predicted
             options.append((b / seconds, -peak, key, b, peak))
     fitting = [o for o in options if o[4] <= budget]
     if not fitting:
@@ -227,7 +227,7 @@ def choose_levers(
             "device's memory), lower the static memory (method.memory.ema_placement=cpu, 8-bit AdamW) or the "
             "crop (data.crop_size), or set the levers yourself with method.memory.plan=manual."
         )
-    rate, _, key, b, peak = max(fitting)
+    rate, _, key, b, peak = max(fitting, key=lambda o: o[:2])  # the rate, then the lower peak
     levers = dict(zip(PLAN_LEVERS, key))
     reasons = explain(levers, b, groups, budget, set_by_user)
     reasons["micro-batch x accumulation"] = (
