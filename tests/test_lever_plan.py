@@ -3,9 +3,11 @@
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from addsr_pl.method.lever_plan import (
     PLAN_LEVERS,
@@ -174,6 +176,9 @@ def test_a_run_split_into_micro_batches_counts_iterations_as_optimizer_steps(mak
     ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     plan = ckpt["addsr_config"]["lever_plan"]
     assert (plan["micro_batch"], plan["accumulate_grad_batches"], plan["mode"]) == (1, 2, "cpu")
+    # logged with the hyperparameters, as the memory plan is
+    hparams = yaml.safe_load((Path(cfg.paths.output_dir) / "csv" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["lever_plan"] == plan
 
 
 def test_the_probe_switches_the_levers_of_a_built_module(make_cfg):
