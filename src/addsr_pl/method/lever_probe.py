@@ -160,11 +160,13 @@ def probe_and_choose(
     where it was only predicted (choosing again if it does not fit)."""
     set_by_user = [k for k in (*PLAN_LEVERS, MICRO_BATCH) if memory[k] != AUTO]
     probe = memory["probe"]
-    measurements = [
-        measure(module, levers, b, crop, scale, precision, probe)
-        for levers in lever_candidates(memory)
-        for b in probe_micro_batches(effective, memory[MICRO_BATCH])
-    ]
+    measurements = []
+    for levers in lever_candidates(memory):
+        for b in probe_micro_batches(effective, memory[MICRO_BATCH]):
+            point = measure(module, levers, b, crop, scale, precision, probe)
+            measurements.append(point)
+            if math.isinf(point.peak_gib):
+                break  # a larger micro-batch of these levers does not fit either
     static_gib = module_memory_plan(module, cap_gib).device_gib  # after the Trainer cast the frozen parts
     while True:
         choice = choose_levers(
