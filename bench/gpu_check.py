@@ -26,6 +26,7 @@ SECTIONS = (
     "degradation",
     "train_step",
     "train_step_large",
+    "train_step_auto",
     "train_step_compiled",
     "ddp_scaling",
     "graph_breaks",
@@ -205,8 +206,8 @@ def markdown(result: dict) -> str:
                 if key in data:
                     lines.append(f"\n{model} {key}: `{json.dumps(data[key])}`")
         lines.append("")
-    for key in ("degradation", "train_step", "train_step_large", "train_step_compiled", "ddp_scaling",
-                "graph_breaks", "gpu_tests", "warm_start", "seconds"):  # fmt: skip
+    for key in ("degradation", "train_step", "train_step_large", "train_step_auto", "train_step_compiled",
+                "ddp_scaling", "graph_breaks", "gpu_tests", "warm_start", "seconds"):  # fmt: skip
         if result.get(key) is None:
             lines += [f"## {key}", "", "Not written: the section did not run, or stopped before writing.", ""]
         else:

@@ -5,6 +5,7 @@
 #   SECTIONS="warm_start inference_sd2_compiled" bash bench/gpu_check.sh   # compile: at most 570 s
 #   SECTIONS="train_step_large" bash bench/gpu_check.sh                    # at most 180 s
 #   SECTIONS="train_step_compiled" bash bench/gpu_check.sh                 # at most 480 s
+#   SECTIONS="train_step_auto" bash bench/gpu_check.sh                     # at most 300 s
 #   bash bench/gpu_check.sh --smoke    # every section but warm_start on the CPU with tiny presets (a test runs it)
 #   SMOKE_WARM_START=1 bash bench/gpu_check.sh --smoke   # warm_start too (about 2 minutes more)
 #
@@ -28,6 +29,8 @@
 #                                  loads it; each one's first call in seconds and torch's cache hit/miss counts
 #   inference_sd2_compiled  270 s  eager fp16 and ours compiled (mode default) at 4 steps, SD2 size
 #   train_step_large        180 s  ours at batch 4 and 8, no baseline
+#   train_step_auto         300 s  the baseline, ours at batch 2, then ours method.memory.plan=auto at batch 6 (the
+#                                  plan's probe, its choice and that run)
 #   train_step_compiled     480 s  ours at batch 2 with method.speed's defaults on CUDA (compiled and graphed);
 #                                  the compile time is printed apart from the iterations
 # The limits come from the first run on an NVIDIA H200 (docs/gpu_runs/2026-11-30-h200/): degradation 10 s, graph
@@ -46,7 +49,7 @@ cd "$ROOT"
 declare -A LIMIT=(
   [inference_sd2]=160 [inference_seesr]=110 [degradation]=20 [train_step]=130 [graph_breaks]=70
   [gpu_tests]=90 [warm_start]=300 [inference_sd2_compiled]=270 [train_step_large]=180 [train_step_compiled]=480
-  [ddp_scaling]=240
+  [ddp_scaling]=240 [train_step_auto]=300
 )
 DEFAULT_SECTIONS="inference_sd2 inference_seesr degradation train_step ddp_scaling gpu_tests graph_breaks"
 SECTIONS="${SECTIONS:-$DEFAULT_SECTIONS}"
@@ -62,7 +65,7 @@ fi
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,train_step_compiled,ddp_scaling,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
+rm -f "$OUT"/{inference,inference_sd2,inference_sd2_compiled,inference_seesr,degradation,train_step,train_step_large,train_step_auto,train_step_compiled,ddp_scaling,graph_breaks,gpu_tests,warm_start,seconds}.json "$OUT"/*.partial
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 echo "python: $PY"
@@ -107,6 +110,9 @@ gpu_section() {  # gpu_section NAME: one section of the CUDA run, under LIMIT[NA
     train_step)
       [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
         --batch 2 --memory-cap 20 --json "$OUT/$name.json" method.speed.compile=none ;;
+    train_step_auto)
+      [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
+        --batch 2 --memory-cap 20 --plan-auto --plan-batch 6 --json "$OUT/$name.json" method.speed.compile=none ;;
     train_step_compiled)
       [[ -f bench/train_step.py ]] && section "$name" "$limit" "$PY" bench/train_step.py --preset seesr \
         --batch 2 --memory-cap 20 --no-baseline --no-flops --json "$OUT/$name.json" ;;

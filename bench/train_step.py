@@ -52,6 +52,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import upscale
+from addsr_pl.method.lever_plan import manual_choice
+from addsr_pl.method.lever_probe import NOT_PROBED, probe_and_choose, set_levers
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 from addsr_pl.method.module import AddSRModule
@@ -165,24 +167,26 @@ def fresh_peak(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------- ours
 class IterationTimer(pl.Callback):
     """Times the iterations after `warmup`; with `count_flops`, the first iteration (untimed) runs under
-    torch's FLOP counter."""
+    torch's FLOP counter. An iteration is `accumulate` training batches (micro-steps)."""
 
-    def __init__(self, device: torch.device, warmup: int, count_flops: bool):
+    def __init__(self, device: torch.device, warmup: int, count_flops: bool, accumulate: int = 1):
         self.device, self.times, self._start = device, [], 0.0
         self.counter = FlopCounterMode(display=False) if count_flops else None
-        self.untimed = warmup
+        self.accumulate = accumulate
+        self.untimed = warmup * accumulate
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         synchronize(self.device)
         if batch_idx == 0 and self.counter is not None:
             self.counter.__enter__()
-        self._start = time.perf_counter()
+        if batch_idx % self.accumulate == 0:
+            self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         synchronize(self.device)
-        if batch_idx == 0 and self.counter is not None:
+        if batch_idx == self.accumulate - 1 and self.counter is not None:
             self.counter.__exit__(None, None, None)
-        if batch_idx >= self.untimed:
+        if batch_idx >= self.untimed and batch_idx % self.accumulate == self.accumulate - 1:
             self.times.append(time.perf_counter() - self._start)
 
     @property
@@ -190,27 +194,49 @@ class IterationTimer(pl.Callback):
         return None if self.counter is None else self.counter.get_total_flops()
 
 
-def count_ours_flops(module: AddSRModule, batch: int, crop: int, device) -> int:
-    """FLOP of one iteration of ours at `batch`, counted eager (method.speed off for this one fit)."""
-    speed = module.method["speed"]
-    module.method["speed"] = speed | {"compile": "none", "cuda_graph": False}
-    try:
-        return fit_ours(module, batch, crop, device, IterationTimer(device, 1, True), 1).flops
-    finally:
-        module.method["speed"] = speed
+def run_ours(
+    module: AddSRModule,
+    batch: int,
+    crop: int,
+    device,
+    warmup: int,
+    iters: int,
+    count_flops: bool,
+    accumulate: int = 1,
+) -> tuple[list[float], int | None, float]:
+    """(timed iteration seconds, FLOP of one iteration or None, seconds of the timed fit outside its timed
+    iterations: start-up, warm-up and any compilation); an iteration is `accumulate` micro-batches
+    of `batch`, timed and counted from its first micro-step's start to its last one's end. FLOPs do not
+    depend on the speed settings: they are counted first, in a fit of one iteration with method.speed's
+    compile and CUDA graphs off (a replayed graph would go uncounted; compiled code is not traced under the
+    counter's dispatch mode), then the timed fit runs as configured."""
+    flops = None
+    if count_flops:
+        speed = module.method["speed"]
+        module.method["speed"] = speed | {"compile": "none", "cuda_graph": False}
+        try:
+            flops = fit_ours(
+                module, batch, crop, device, IterationTimer(device, 1, True, accumulate), 1
+            ).flops
+        finally:
+            module.method["speed"] = speed
+    start = time.perf_counter()
+    timer = fit_ours(
+        module, batch, crop, device, IterationTimer(device, warmup, False, accumulate), warmup + iters
+    )
+    return timer.times, flops, time.perf_counter() - start - sum(timer.times)
 
 
-def run_ours(module: AddSRModule, batch: int, crop: int, device, warmup: int, iters: int) -> list[float]:
-    """The timed iterations' seconds, after `warmup` untimed ones (which hold any compilation)."""
-    return fit_ours(module, batch, crop, device, IterationTimer(device, warmup, False), warmup + iters).times
-
-
-def fit_ours(module: AddSRModule, batch: int, crop: int, device, timer: IterationTimer, total: int):
+def fit_ours(module: AddSRModule, batch: int, crop: int, device, timer: IterationTimer, iterations: int):
+    """`iterations` iterations of ours (each `timer.accumulate` micro-batches of `batch`) under `timer`."""
+    accumulate = timer.accumulate
+    module.method["accumulate_grad_batches"] = accumulate
+    total = iterations * accumulate
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=2 * total,  # a G and a D optimiser step per iteration
+        max_steps=2 * total // accumulate,  # a G and a D optimiser step per iteration
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -472,6 +498,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3; tiny 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; tiny 2)")
     parser.add_argument(
+        "--plan-auto",
+        action="store_true",
+        help="on CUDA: the row `ours plan=auto` (method.memory.plan=auto's probe and choice, then that run)",
+    )
+    parser.add_argument(
+        "--plan-batch",
+        type=int,
+        default=None,
+        help="effective batch of the plan=auto row (default 6, the paper's; tiny: the first --batch)",
+    )
+    parser.add_argument(
+        "--plan-cap",
+        type=float,
+        default=None,
+        help="memory_cap of the plan=auto row, GiB (default: the device)",
+    )
+    parser.add_argument(
         "--eager",
         action="store_true",
         help="ours without method.speed's compile and CUDA graphs (on by default on CUDA)",
@@ -531,14 +574,9 @@ def main() -> None:
     for batch in batches:
         fresh_peak(device)
         try:
-            # FLOPs do not depend on the speed settings: counted eager (a graphed region would replay
-            # uncounted; compiled code is not traced under the counter's dispatch mode)
-            flops = count_ours_flops(module, batch, crop, device) if count_flops else None
-            fresh_peak(device)
-            start = time.perf_counter()
-            times = run_ours(module, batch, crop, device, warmup, iters)
+            times, flops, untimed_s = run_ours(module, batch, crop, device, warmup, iters, count_flops)
             if module.speed.compile != "none" and compile_s is None:  # the warmup iterations hold it
-                compile_s = time.perf_counter() - start - sum(times)
+                compile_s = untimed_s
         except RuntimeError as error:
             if not is_oom(error):
                 raise
@@ -556,7 +594,21 @@ def main() -> None:
             break
         rows.append(row("ours", batch, times, device, flops))
         print_row(rows[-1])
-    plan = module_memory_plan(module, capacity)
+    for r in rows:
+        if r["name"] == "ours":
+            r["lever_plan"] = configured_plan(parts, r["batch"]).as_dict()
+    print(f"ours      levers: {configured_plan(parts, batches[0]).summary()} (configured)")
+    plan = module_memory_plan(module, capacity)  # before the plan=auto row switches the levers
+    plan_auto = None
+    if device.type == "cuda" and args.plan_auto:
+        plan_auto = run_plan_auto(module, parts, args, crop, device, warmup, iters, count_flops, capacity)
+        rows.append(plan_auto)
+        print_row(plan_auto)
+    elif device.type == "cpu":
+        # the plan applies on CUDA only: on the CPU it would run ours as configured, the row above
+        choice = configured_plan(parts, args.plan_batch or batches[0], "cpu")
+        plan_auto = {"name": "ours plan=auto", "ran": False, "lever_plan": choice.as_dict()}
+        print(f"ours plan=auto: {NOT_PROBED['cpu'].format(choice.summary())}")
     print(plan.table())
 
     ours = [r for r in rows if r["name"] == "ours" and r["samples_per_s"] is not None]
@@ -606,9 +658,45 @@ def main() -> None:
     print("speed: " + ", ".join(f"{k}={v}" for k, v in result["speed"].items()))
     if compile_s is not None:
         result["compile_s"] = compile_s
+    if plan_auto is not None:
+        result["plan_auto"] = plan_auto
+        if plan_auto.get("samples_per_s") and baseline:
+            result["ratio_plan_auto_samples_per_s"] = plan_auto["samples_per_s"] / baseline["samples_per_s"]
+            print(
+                f"samples/s ratio, ours plan=auto / baseline: {result['ratio_plan_auto_samples_per_s']:.2f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def configured_plan(parts: dict, batch: int, mode: str = "manual"):
+    """The levers ours runs with as configured (each `auto` lever at its manual value), at `batch` x 1."""
+    return manual_choice(parts["method"]["memory"], batch, 1, mode)
+
+
+def run_plan_auto(
+    module, parts: dict, args, crop: int, device, warmup: int, iters: int, count_flops: bool, capacity
+):
+    """The row `ours plan=auto`: the plan's probe and choice on this card at the effective batch
+    `--plan-batch` under `--plan-cap` (default: the card's memory), then ours with that choice."""
+    memory = parts["method"]["memory"]  # as composed: `auto` where the plan decides, your overrides kept
+    effective = args.plan_batch or 6
+    cap = args.plan_cap or capacity
+    module.method["accumulate_grad_batches"] = 1
+    fresh_peak(device)
+    start = time.perf_counter()
+    choice = probe_and_choose(module, memory, effective, cap, crop, 4, "bf16-mixed")
+    probe_s = time.perf_counter() - start
+    print(choice.table())
+    print(f"plan=auto probe: {probe_s:.1f} s")
+    set_levers(module, choice.levers)
+    fresh_peak(device)
+    times, flops, _ = run_ours(
+        module, choice.micro_batch, crop, device, warmup, iters, count_flops, choice.accumulate
+    )
+    result = row("ours plan=auto", effective, times, device, flops)
+    return result | {"lever_plan": choice.as_dict(), "probe_s": probe_s}
 
 
 def print_plan(preset: str, args, device: torch.device) -> None:

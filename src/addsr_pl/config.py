@@ -581,11 +581,22 @@ SCHEMA: dict[str, Group] = {
             "lr_scheduler": LR_SCHEDULER,
             "memory": Group(
                 {
+                    "plan": Choice("auto", "manual"),
+                    "memory_cap": Optional(Float(0, open_low=True)),
+                    "micro_batch": OneOf(Choice("auto"), POSITIVE),
+                    "manual": Group(
+                        {
+                            "gradient_checkpointing": Bool(),
+                            "vae_gradient_checkpointing": Bool(),
+                            "teacher_decode_chunk": Optional(POSITIVE),
+                        }
+                    ),
+                    "probe": Group({"warmup": NONNEGATIVE, "iterations": POSITIVE, "margin_gib": Float(0)}),
                     "share_frozen_weights": Bool(),
-                    "gradient_checkpointing": Bool(),
-                    "vae_gradient_checkpointing": Bool(),
+                    "gradient_checkpointing": OneOf(Choice("auto"), Bool()),
+                    "vae_gradient_checkpointing": OneOf(Choice("auto"), Bool()),
                     "vae_outside_autocast": Bool(),
-                    "teacher_decode_chunk": Optional(POSITIVE),
+                    "teacher_decode_chunk": OneOf(Choice("auto"), Optional(POSITIVE)),
                     "ema_placement": Choice("device", "cpu"),
                     "ema_dtype": Choice("float32", "bfloat16"),
                     "fused_adamw": Bool(),

@@ -26,6 +26,8 @@ from pytorch_lightning.callbacks import ProgressBar
 from addsr_pl.callbacks import Preempted, Preemption, SignalAt
 from addsr_pl.config import ConfigError, validate
 from addsr_pl.method.export import export_student
+from addsr_pl.method.lever_plan import PlanError
+from addsr_pl.method.lever_probe import PLAN_CONFIG_KEY, plan_for_run
 from addsr_pl.method.module import AddSRModule
 from addsr_pl.method.psr_decoder import PsrDecoderModule, export_psr_decoder
 from addsr_pl.method.teacher import TeacherModule, export_teacher
@@ -295,6 +297,8 @@ def fit_and_export(
     """Build the module, data and trainer, fit (resuming from `ckpt_path`, already checked) and export;
     `preemption` is the pre-emption callback among `callbacks` (None without one)."""
     with wandb_run_ends_with_job():
+        if cfg.stage == "addsr":  # levers and micro-batch into cfg before the data and the module exist
+            config[PLAN_CONFIG_KEY] = plan_for_run(cfg, ckpt_path).as_dict()
         pl.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
         module = build_module_for_run(cfg)
@@ -328,11 +332,18 @@ def fit_and_export(
 def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
-    except (ConfigError, ResumeError, RunLockError, InstantiationException) as error:
+    except (ConfigError, ResumeError, RunLockError, PlanError, InstantiationException) as error:
         # Hydra wraps what a component raises; a weight folder that is missing or does not fit is the
         # user's to fix like a wrong value
         cause = error.__cause__ if isinstance(error, InstantiationException) else error
-        fixable = (ConfigError, ResumeError, RunLockError, MissingWeightsError, WeightsMismatchError)
+        fixable = (
+            ConfigError,
+            ResumeError,
+            RunLockError,
+            PlanError,
+            MissingWeightsError,
+            WeightsMismatchError,
+        )
         if not isinstance(cause, fixable) or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one bad cell of a sweep fails that job, not the sweep
         # a wrong value or a refused resume: the message names the fix, no traceback (exit code 2)

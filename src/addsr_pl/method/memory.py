@@ -36,14 +36,15 @@ MEMORY_SWITCHES = (
 
 
 def check_memory_config(memory: dict) -> None:
-    """Name a bad `method.memory` value at start-up (EMA placement and dtype are checked by EMA)."""
+    """Name a bad `method.memory` value at start-up (EMA placement and dtype are checked by EMA); the
+    levers the plan may choose are checked once resolved (method/lever_plan.py)."""
     for key in MEMORY_SWITCHES:
         if not isinstance(memory[key], bool):
             raise ValueError(f"method.memory.{key} = {memory[key]!r}: must be true or false")
     chunk = memory["teacher_decode_chunk"]
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(
-            f"method.memory.teacher_decode_chunk = {chunk!r}: must be null (all at once) or >= 1"
+            f"method.memory.teacher_decode_chunk = {chunk!r}: must be null (all at once), >= 1 or auto"
         )
 
 

@@ -18,6 +18,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+# keys of `method.memory` that configure the lever plan (method/lever_plan.py) rather than being levers
+PLAN_SETTINGS = ("plan", "memory_cap", "micro_batch", "manual", "probe")
 # how the plan names a denoiser's networks
 NETWORK_NAMES = {"unet": "UNet", "controlnet": "ControlNet"}
 # Optimiser state bytes per trained parameter: AdamW keeps two fp32 moments; bitsandbytes' 8-bit AdamW
@@ -162,7 +164,8 @@ def module_memory_plan(module, capacity_gib: float | None = None) -> MemoryPlan:
     ema_count = sum(p.numel() for _, p in module.student_trainable())
     ema = {"student (trained)": (ema_count, module.ema.dtype, module.ema.placement)}
     rows, host = plan_components(parts, targets, ema)
-    levers = dict(memory) | {
+    # the plan's own settings are not levers (its choice is in the lever keys)
+    levers = {k: v for k, v in memory.items() if k not in PLAN_SETTINGS} | {
         "optimizer_g": m["optimizer_g"]["_target_"],
         "frozen_dtype": str(next(module.teacher.parameters()).dtype).removeprefix("torch."),
     }

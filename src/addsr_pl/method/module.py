@@ -19,6 +19,7 @@ from addsr_pl.logging import log_where_computed, logging_step
 from addsr_pl.method.checkpointing import TrainedStateCheckpoint
 from addsr_pl.method.distributed import SyncedParts
 from addsr_pl.method.ema import EMA
+from addsr_pl.method.lever_plan import with_manual_levers
 from addsr_pl.method.losses import (
     discriminator_hinge_loss,
     distillation_loss,
@@ -85,6 +86,9 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
 
     def __init__(self, model: dict, conditioning: dict, method: dict, seed: int = 0):
         super().__init__()
+        # levers still `auto` (a module built outside a training run's plan) take the manual values; the
+        # hyper-parameters record the values in force
+        method = with_manual_levers(method)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trained weights; see on_load_checkpoint
