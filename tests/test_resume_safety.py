@@ -230,3 +230,31 @@ def test_a_skipped_iteration_moves_no_ema_when_it_follows_every_micro_step(make_
     for key, shadow in skipped.before.items():
         assert torch.equal(shadow, skipped.after[key]), key
     assert any(not torch.equal(moved.before[k], moved.after[k]) for k in moved.before)
+
+
+def test_a_checkpoint_from_before_the_speed_and_plan_keys_resumes_and_other_changes_are_still_refused():
+    """Older checkpoints hold memory.compile_student and the plan's levers as true/2, and no method.speed:
+    how fast and in how much memory is not what is computed. The effective batch and the maths stay compared."""
+    from addsr_pl.resume import changed_keys
+
+    current = {
+        "method": {
+            "speed": {"compile": "auto"},
+            "memory": {"gradient_checkpointing": "auto", "teacher_decode_chunk": "auto", "micro_batch": "auto",
+                       "plan": "auto", "ema_dtype": "float32"},
+            "accumulate_grad_batches": 1,
+        },
+        "data": {"batch_size": 6},
+    }  # fmt: skip
+    saved = {
+        "method": {
+            "memory": {"gradient_checkpointing": True, "teacher_decode_chunk": 2, "compile_student": False,
+                       "compile_options": {}, "ema_dtype": "float32"},
+            "accumulate_grad_batches": 1,
+        },
+        "data": {"batch_size": 6},
+    }  # fmt: skip
+    assert changed_keys(saved, current) == []
+    saved["method"]["memory"]["ema_dtype"] = "bfloat16"
+    saved["data"]["batch_size"] = 3
+    assert changed_keys(saved, current) == ["data.batch_size", "method.memory.ema_dtype"]

@@ -10,8 +10,8 @@
   None yet: a fresh start, so one command serves a job's first start and its requeues.
 * Every checkpoint carries the run's resolved config; on resume the `method`, `model`, `data`,
   `conditioning` and `seed` of the new config must equal it, except keys under `resume.allow_changes`
-  and keys whose value comes from `paths.*` (folders of weights and caches may move); `method.speed` is
-  never compared (how fast, not what is computed). Allowed changes of optimizer hyper-parameters are
+  and keys whose value comes from `paths.*` (folders of weights and caches may move); `method.speed` and
+  the memory plan's levers are never compared (how fast and in how much memory, not what is computed). Allowed changes of optimizer hyper-parameters are
   applied over the restored optimizer state. An unknown key in `resume.allow_changes` is refused, naming
   the closest known one.
 """
@@ -34,9 +34,20 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "addsr_config"
 # Sections whose change alters what is trained; trainer, logger, callbacks, paths and the like pass.
 COMPARED_SECTIONS = ("method", "model", "data", "conditioning", "seed")
-# How fast the iteration runs, not what it computes: never compared (a run resumes compiled or eager).
-# memory.compile_student and compile_options were method.speed's before it (older checkpoints hold them).
-NOT_COMPARED = ("method.speed", "method.memory.compile_student", "method.memory.compile_options")
+# How fast the iteration runs or how much memory it takes, not what it computes: never compared (a run
+# resumes compiled or eager, with or without checkpointing). memory.compile_student and compile_options were
+# method.speed's before it, and the plan's levers were true/2 before plan=auto: older checkpoints hold them.
+# The effective batch stays compared (data.batch_size, method.accumulate_grad_batches).
+NOT_COMPARED = (
+    "method.speed",
+    "method.memory.compile_student",
+    "method.memory.compile_options",
+    *(f"method.memory.{key}" for key in ("plan", "memory_cap", "micro_batch", "manual", "probe")),
+    *(
+        f"method.memory.{key}"
+        for key in ("gradient_checkpointing", "vae_gradient_checkpointing", "teacher_decode_chunk")
+    ),
+)
 # Restored from the checkpoint whatever the config says: refused even when allowed.
 RESTORED_STATE = ("method.lr_scheduler", "method.optimizer_g._target_", "method.optimizer_d._target_")
 OPTIMIZERS = ("optimizer_g", "optimizer_d")  # in the order of configure_optimizers
