@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -38,12 +37,10 @@ from addsr_pl.method.memory import (
 )
 from addsr_pl.method.memory_plan import report_memory_plan
 from addsr_pl.method.nonfinite import NonFiniteGuard, step_alone, step_apart
-from addsr_pl.method.speed import FrozenRegion, TrainingSpeed, apply_training_speed, training_compile_cache
+from addsr_pl.method.speed import FrozenRegion, TrainingSpeed, apply_training_speed
 from addsr_pl.models.backbones import backbone, component_parts
 from addsr_pl.models.conditioning import Conditioning
 from addsr_pl.models.vae import VaeCodec
-
-log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -171,10 +168,6 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         speed = TrainingSpeed.for_device(self.method["speed"], device)
         self.cast_frozen(dtype, tagger=speed.tagger_in_compute_dtype)
         if speed != self.speed:  # a second fit of this module keeps what the first one compiled
-            if speed.compile != "none" and speed.compile_backend == "inductor":
-                cache = training_compile_cache(self, speed, device, self.method["speed"]["compile_cache"])
-                cache.activate()
-                log.info("method.speed: compiled graphs are kept in %s", cache.folder)
             apply_training_speed(self, speed, device)
             self.use_speed(speed)
         report_memory_plan(self)

@@ -17,6 +17,7 @@ equals eager within float rounding (tests/test_training_speed.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from addsr_pl.inference.compile_cache import CompileCache, architecture_digest, cache_key, default_root
 from addsr_pl.inference.speed import COMPILE_MODES, SamplerGraphs, apply_memory_format, apply_tf32
 from addsr_pl.method.memory import compile_repeated_blocks
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 # inductor: torch's compiler (the speed-up). aot_eager and eager trace the same graphs without generating
@@ -138,8 +141,9 @@ def graded_modules(module) -> list[nn.Module]:
 
 
 def apply_training_speed(module, speed: TrainingSpeed, device: torch.device) -> int:
-    """channels_last, TF32 and the compiled modules of `speed` on an AddSRModule; returns how many modules
-    or blocks were compiled. The regions themselves are built by the module (`AddSRModule.frozen_regions`)."""
+    """channels_last, TF32 and the compiled modules of `speed` on an AddSRModule, inductor's code kept in the
+    run's compile cache entry; returns how many modules or blocks were compiled. The regions themselves are
+    built by the module (`AddSRModule.use_speed`)."""
     if speed.channels_last:
         # the teacher's networks hold the student's frozen weights (shared), the VAE serves both halves
         convolutional = [*module.teacher.networks().values(), *module.student.networks().values()]
@@ -147,6 +151,10 @@ def apply_training_speed(module, speed: TrainingSpeed, device: torch.device) -> 
     apply_tf32(device, speed.tf32)
     if speed.compile == "none":
         return 0
+    if speed.compile_backend == "inductor":
+        cache = training_compile_cache(module, speed, device, module.method["speed"]["compile_cache"])
+        cache.activate()
+        log.info("method.speed: compiled graphs are kept in %s", cache.folder)
     options = speed.compile_options()
     compiled = 0
     for frozen in frozen_modules(module):
