@@ -138,11 +138,16 @@ class SamplerGraphs:
     because each replay's output is cloned before the next) and replays it; later calls copy their
     inputs into the buffers and replay. `None` inputs stay None. Under autocast (training), warm-up and
     capture run with autocast's cast cache off: a cached cast would live in the graph's memory after
-    autocast freed it.
+    autocast freed it. `capture_error_mode` is `torch.cuda.graph`'s: `thread_local` lets other threads (a
+    training DataLoader's pin-memory thread) go on calling CUDA while this one captures.
     """
 
     def __init__(
-        self, fn: Callable[[list[Tensor | None], tuple], Tensor | tuple], warmup: int, max_graphs: int
+        self,
+        fn: Callable[[list[Tensor | None], tuple], Tensor | tuple],
+        warmup: int,
+        max_graphs: int,
+        capture_error_mode: str = "global",
     ):
         self.fn = fn
         self.warmup = warmup
@@ -151,6 +156,7 @@ class SamplerGraphs:
             OrderedDict()
         )
         self.captures = 0
+        self.capture_error_mode = capture_error_mode
         self._pool = None
 
     def __call__(self, tensors: list[Tensor | None], constants: tuple[Hashable, ...]) -> Tensor:
@@ -182,7 +188,10 @@ class SamplerGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), uncached_autocast():
+        with (
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode),
+            uncached_autocast(),
+        ):
             static_output = self.fn(static_inputs, constants)
         self.captures += 1
         return graph, static_inputs, static_output

@@ -109,7 +109,8 @@ class FrozenRegion:
     def __init__(self, fn: Callable[[list[Tensor | None], tuple], Tensor | tuple], speed: TrainingSpeed):
         self.run = speed.compiled(fn)
         self.graphs = (
-            SamplerGraphs(self.run, speed.cuda_graph_warmup, speed.cuda_graph_cache)
+            # the DataLoader's pin-memory thread may call CUDA during a capture
+            SamplerGraphs(self.run, speed.cuda_graph_warmup, speed.cuda_graph_cache, "thread_local")
             if speed.cuda_graph
             else None
         )
