@@ -131,8 +131,12 @@ def test_a_second_process_of_the_cli_loads_the_first_ones_graphs(tiny_student, t
             text=True,
         )
         if name == "first":  # the eager run (compile: none, the tiny student's setting) meanwhile
-            with one_thread():
-                assert upscale_main([*arguments, "-o", str(tmp_path / "eager.png")]) == 0
+            try:
+                with one_thread():
+                    assert upscale_main([*arguments, "-o", str(tmp_path / "eager.png")]) == 0
+            except BaseException:
+                run.kill()
+                raise
         _, stderr = run.communicate(timeout=900)
         assert run.returncode == 0, stderr[-3000:]
         runs.append(stderr)

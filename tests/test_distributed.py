@@ -146,13 +146,18 @@ def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit
         procs[when] = start([*ddp_args(run / "run", run / "cache"), "trainer.max_steps=50",
                              "trainer.limit_val_batches=0", f"fault.signal_at={when}",
                              "callbacks.preemption.rank_exit_timeout_s=600"])  # fmt: skip
-    for when, proc in procs.items():
-        run = tmp_path / when / "run"
-        out = finish(proc)
-        assert proc.returncode == PREEMPTED_EXIT_CODE, f"{when}: {out[-4000:]}"
-        assert not group_alive(proc.pid), f"{when}: a rank outlived the launcher"
-        assert "SIGTERM received outside the training loop; stopping." in out, when
-        assert not (run / "student").exists() and not (run / "run.lock").exists(), when
+    try:
+        for when, proc in procs.items():
+            run = tmp_path / when / "run"
+            out = finish(proc)
+            assert proc.returncode == PREEMPTED_EXIT_CODE, f"{when}: {out[-4000:]}"
+            assert not group_alive(proc.pid), f"{when}: a rank outlived the launcher"
+            assert "SIGTERM received outside the training loop; stopping." in out, when
+            assert not (run / "student").exists() and not (run / "run.lock").exists(), when
+    finally:  # the other run is not left behind by a failed check
+        for proc in procs.values():
+            if group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_each_optimizer_step_all_reduces_the_trained_gradients_once(tmp_path, cache_dir):

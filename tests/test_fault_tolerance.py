@@ -175,12 +175,17 @@ def test_the_readme_resume_flow_from_max_steps_equals_one_uninterrupted_run(tmp_
         env,
     )
     common.append(f"paths.cache_dir={cache_dir}")
-    first = run_cli([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}"], env=env)
-    assert first.returncode == 0, first.stdout[-3000:]
-    resumed = run_cli(
-        [*common, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'a'}"], env=env
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    try:
+        first = run_cli([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}"], env=env)
+        assert first.returncode == 0, first.stdout[-3000:]
+        resumed = run_cli(
+            [*common, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'a'}"], env=env
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:]
+    except BaseException:  # the concurrent run is not left behind
+        if straight_proc.poll() is None:
+            os.killpg(straight_proc.pid, signal.SIGKILL)
+        raise
     straight = finish_cli(straight_proc)
     assert straight.returncode == 0, straight.stdout[-3000:]
     for out in (first, resumed, straight):  # no misleading "last model of the previous fit" warnings
