@@ -28,48 +28,7 @@ DISTILLATION_OFF = (
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("teacher", ["committed", "trained here"])
-def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
-    out = tmp_path / "demo"
-    # the teacher trained inside the demo; the ablation and the noise floor are the committed run's to check
-    trained_here = [
-        "teacher.checkpoint=null",
-        "teacher.max_steps=20",
-        "ablation.cells=null",
-        "noise_floor.seeds=[]",
-    ]
-    trained_here = trained_here if teacher == "trained here" else []
-    # the real chain at a fraction of `make demo`'s lengths (this checks the report, not the numbers)
-    short = ["student.max_steps=4", "evaluation.teacher_steps=5", "evaluation.dataset.seeds=[1000,1001]",
-             "headline.classifier.steps=30", "noise_floor.seeds=[43]"]  # fmt: skip
-    command = [sys.executable, "-m", "addsr_pl.demo", f"output_dir={out}", *short, *trained_here]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    if teacher == "committed":
-        # `make demo` again into the same folder, with distillation switched off: every stage trains afresh,
-        # and the distillation check fails (the student is its teacher, no better at the same steps)
-        off = [DISTILLATION_OFF, "ablation.cells=null"]  # the first run checked the ablation
-        again = subprocess.run([*command, *off], capture_output=True, text=True, timeout=1500)
-        assert again.returncode == 0, again.stderr[-3000:]
-        iterations = [
-            int(float(r["train/iteration"])) for r in read_log(out / "student") if r.get("train/iteration")
-        ]
-        assert (
-            iterations and len(iterations) == len(set(iterations)) and max(iterations) <= 4
-        )  # one run's log
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["checks"]["distillation"]["passed"] is False
-        assert set(metrics["checks"]) == {"distillation", "near_many_step_teacher", "beats_bicubic", "faster"}
-        assert set(metrics["teacher_steps"]) == set(metrics["student"]) == {"1", "2", "3", "4"}
-        rows = [
-            metrics["bicubic"],
-            metrics["teacher"],
-            *metrics["teacher_steps"].values(),
-            *metrics["student"].values(),
-        ]
-        assert metrics["headline"] == "readability" and all(0 <= r["readability"] <= 1 for r in rows)
-        assert set(metrics["noise_floor"]) == {"1", "2", "3", "4"}
+def check_report(out) -> None:
     markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for title in REPORT_SECTIONS:
         assert f"## {title}" in markdown and f"<h2>{title}</h2>" in html.replace("&#x27;", "'"), title
@@ -82,6 +41,51 @@ def test_the_demo_writes_the_report_with_all_its_sections(tmp_path, teacher):
         f"| {m} |" in markdown
         for m in ("Bicubic", "Teacher-1", "Teacher-4", "Teacher-5", "AddSR-1", "AddSR-4")
     )
+
+
+@pytest.mark.slow
+def test_the_demo_writes_the_report_with_all_its_sections(tmp_path):
+    """`make demo` twice into one folder: first with a teacher trained inside the demo, then with the
+    committed teacher and distillation switched off (the noise floor and the ablation run there)."""
+    out = tmp_path / "demo"
+    # the real chain at a fraction of `make demo`'s lengths (this checks the report, not the numbers)
+    short = ["student.max_steps=4", "evaluation.teacher_steps=5", "evaluation.dataset.seeds=[1000,1001]",
+             "headline.classifier.steps=30"]  # fmt: skip
+    command = [sys.executable, "-m", "addsr_pl.demo", f"output_dir={out}", *short]
+    trained_here = [
+        "teacher.checkpoint=null",
+        "teacher.max_steps=20",
+        "ablation.cells=null",
+        "noise_floor.seeds=[]",
+    ]
+    done = subprocess.run([*command, *trained_here], capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_report(out)
+    # `make demo` again into the same folder, on the committed teacher, with distillation switched off:
+    # every stage trains afresh, and the distillation check fails (the student is its teacher, no better
+    # at the same steps)
+    again = subprocess.run(
+        [*command, "noise_floor.seeds=[43]", DISTILLATION_OFF], capture_output=True, text=True, timeout=1500
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    iterations = [
+        int(float(r["train/iteration"])) for r in read_log(out / "student") if r.get("train/iteration")
+    ]
+    assert iterations and len(iterations) == len(set(iterations)) and max(iterations) <= 4  # one run's log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checks"]["distillation"]["passed"] is False
+    assert set(metrics["checks"]) == {"distillation", "near_many_step_teacher", "beats_bicubic", "faster"}
+    assert set(metrics["teacher_steps"]) == set(metrics["student"]) == {"1", "2", "3", "4"}
+    rows = [
+        metrics["bicubic"],
+        metrics["teacher"],
+        *metrics["teacher_steps"].values(),
+        *metrics["student"].values(),
+    ]
+    assert metrics["headline"] == "readability" and all(0 <= r["readability"] <= 1 for r in rows)
+    assert set(metrics["noise_floor"]) == {"1", "2", "3", "4"}
+    assert set(metrics["ablation"]) == {"psr_off", "ta_off", "teacher_lr"}
+    check_report(out)
 
 
 def test_the_ablation_sets_each_cell_against_the_noise_floor():

@@ -134,22 +134,30 @@ def test_ddp_zero_saves_the_optimizer_state_whole_and_resumes_exactly(tmp_path, 
     assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-3  # one iteration moves this much
 
 
-@pytest.mark.parametrize("when", ["setup", "train_start"])
-def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit_code(
-    tmp_path, cache_dir, when
-):
+def test_a_signal_during_ddp_start_up_stops_every_rank_with_the_pre_emption_exit_code(tmp_path):
     """`setup`: both ranks started and connected (the launcher used to die by the signal, leaving rank 1
     behind); `train_start`: after Lightning's handler would have been set, before the pre-emption
-    callback's start (the run used to exit 0 with no checkpoint)."""
-    run = tmp_path / "run"
-    # a rank already in the training loop is not waited for as after a pre-emption (600 s > TIMEOUT_S)
-    proc = start([*ddp_args(run, cache_dir), "trainer.max_steps=50", "trainer.limit_val_batches=0",
-                  f"fault.signal_at={when}", "callbacks.preemption.rank_exit_timeout_s=600"])  # fmt: skip
-    out = finish(proc)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
-    assert not group_alive(proc.pid), "a rank outlived the launcher"
-    assert "SIGTERM received outside the training loop; stopping." in out
-    assert not (run / "student").exists() and not (run / "run.lock").exists()
+    callback's start (the run used to exit 0 with no checkpoint). The two runs go at once (each with its
+    own cache folder), on another core where there is one."""
+    procs = {}
+    for when in ("setup", "train_start"):
+        run = tmp_path / when
+        # a rank already in the training loop is not waited for as after a pre-emption (600 s > TIMEOUT_S)
+        procs[when] = start([*ddp_args(run / "run", run / "cache"), "trainer.max_steps=50",
+                             "trainer.limit_val_batches=0", f"fault.signal_at={when}",
+                             "callbacks.preemption.rank_exit_timeout_s=600"])  # fmt: skip
+    try:
+        for when, proc in procs.items():
+            run = tmp_path / when / "run"
+            out = finish(proc)
+            assert proc.returncode == PREEMPTED_EXIT_CODE, f"{when}: {out[-4000:]}"
+            assert not group_alive(proc.pid), f"{when}: a rank outlived the launcher"
+            assert "SIGTERM received outside the training loop; stopping." in out, when
+            assert not (run / "student").exists() and not (run / "run.lock").exists(), when
+    finally:  # the other run is not left behind by a failed check
+        for proc in procs.values():
+            if group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_each_optimizer_step_all_reduces_the_trained_gradients_once(tmp_path, cache_dir):

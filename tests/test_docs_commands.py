@@ -6,7 +6,8 @@ may use what an earlier one of its document wrote, as a reader would). How a com
 
 * The interpreter's `bin/` folder comes first on PATH, as after `source .venv/bin/activate` (which the
   README asks for), so `python` and `addsr-pl` are this environment's; PYTHONPATH points at the copy's
-  `src/`, WANDB_MODE=offline, and the run has no GPU.
+  `src/`, WANDB_MODE=offline, and the run has no GPU. The documents run at once (each in its own
+  thread and copy), so each command gets one torch thread (OMP_NUM_THREADS=1).
 * Placeholder inputs are created first in the copy: `photo.png` and `photos/` (small photos),
   `hr_images/` (six HR images), and `/data/RealSR` (tiny LR/HR pairs; the path is rewritten to the
   copy's `data/RealSR`).
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,7 @@ def run_env(copy: Path, home: Path) -> dict[str, str]:
         CUDA_VISIBLE_DEVICES="",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
     )
     return env
 
@@ -140,17 +143,11 @@ def test_the_extraction_finds_the_documented_commands():
     assert skip_reason("python -m addsr_pl.train model=tiny trainer=cpu trainer.max_steps=1") is None
 
 
-@pytest.mark.slow  # a few tiny trainings, an upscale and an evaluation on the CPU, each a new process
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_documented_commands_run_as_written(doc, tmp_path):
-    found = [(line, command, reason) for d, line, command, reason in all_commands() if d == doc]
-    skipped = [f"  {doc.name}:{line}: [{reason}] {command}" for line, command, reason in found if reason]
-    print(f"\n{doc.name}: {len(found) - len(skipped)} run, {len(skipped)} skipped", *skipped, sep="\n")
-    runnable = [(line, command) for line, command, reason in found if not reason]
-    if not runnable:
-        pytest.skip(f"{doc.name}: no command runs without weights, a GPU or the network")
-    copy = copy_repo(tmp_path / "repo")
-    env = run_env(copy, tmp_path)
+def run_document(doc: Path, runnable: list[tuple[int, str]], folder: Path) -> str | None:
+    """The document's commands in order in its own copy of the repository: None when each exits 0 without
+    bitsandbytes' kernel warning, else what the first one that did not printed."""
+    copy = copy_repo(folder / "repo")
+    env = run_env(copy, folder)
     for line, command in runnable:
         written = command
         for placeholder, local in PATH_PLACEHOLDERS.items():
@@ -164,10 +161,32 @@ def test_documented_commands_run_as_written(doc, tmp_path):
             timeout=TIMEOUT_S,
         )
         output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, (
-            f"{doc.name}:{line}: `{written}` exited {proc.returncode}:\n{output[-3000:]}"
-        )
+        if proc.returncode != 0:
+            return f"{doc.name}:{line}: `{written}` exited {proc.returncode}:\n{output[-3000:]}"
         # a message every start printed once (an eager third-party import), never to come back
-        assert "gemm_4bit_forward" not in output and "quantization-bitsandbytes" not in output, (
-            f"{doc.name}:{line}: `{written}` printed bitsandbytes' kernel warning"
-        )
+        if "gemm_4bit_forward" in output or "quantization-bitsandbytes" in output:
+            return f"{doc.name}:{line}: `{written}` printed bitsandbytes' kernel warning"
+    return None
+
+
+@pytest.mark.slow  # a few tiny trainings, an upscale and an evaluation on the CPU, each a new process
+def test_documented_commands_run_as_written(tmp_path):
+    """The documents at once, each in its own thread and copy (a command is a process: on another core
+    where there is one), each document's commands in order."""
+    plans = {}
+    for doc in DOCS:
+        found = [(line, command, reason) for d, line, command, reason in all_commands() if d == doc]
+        skipped = [f"  {doc.name}:{line}: [{reason}] {command}" for line, command, reason in found if reason]
+        print(f"\n{doc.name}: {len(found) - len(skipped)} run, {len(skipped)} skipped", *skipped, sep="\n")
+        runnable = [(line, command) for line, command, reason in found if not reason]
+        if runnable:
+            plans[doc] = runnable
+        else:
+            print(f"{doc.name}: no command runs without weights, a GPU or the network")
+    assert REPO / "README.md" in plans
+    with ThreadPoolExecutor(len(plans)) as pool:
+        runs = [
+            pool.submit(run_document, doc, runnable, tmp_path / doc.stem) for doc, runnable in plans.items()
+        ]
+        failures = [failure for run in runs if (failure := run.result())]
+    assert not failures, "\n\n".join(failures)

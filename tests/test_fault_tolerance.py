@@ -28,17 +28,28 @@ from conftest import output_or_kill, to_dicts
 FAST = ["data.crop_size=32", "data.batch_size=2", "trainer.limit_val_batches=0"]
 
 
-def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m addsr_pl.train ARGS` in its own process group, killed whole on timeout."""
-    proc = subprocess.Popen(
+def start_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m addsr_pl.train ARGS` started in its own process group."""
+    return subprocess.Popen(
         [sys.executable, "-m", "addsr_pl.train", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The finished command's output; past `timeout` its process group is killed whole."""
     out = output_or_kill(proc, timeout, "the training command")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def run_cli(
+    args: list[str], timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return finish_cli(start_cli(args, env), timeout)
 
 
 def student_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -147,14 +158,35 @@ def test_export_refuses_a_non_finite_student(make_cfg, tmp_path):
 def test_the_readme_resume_flow_from_max_steps_equals_one_uninterrupted_run(tmp_path, cache_dir):
     """4 iterations, then `ckpt_path=last` to 8 in the same run dir == 8 iterations at once."""
     common = [
-        "model=tiny", "trainer=cpu", *FAST, f"paths.cache_dir={cache_dir}", "trainer.enable_progress_bar=false",
+        "model=tiny", "trainer=cpu", *FAST, "trainer.enable_progress_bar=false",
         "method.optimizer_g.lr=1e-3", "method.optimizer_d.lr=1e-3",
     ]  # fmt: skip
-    first = run_cli([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}"])
-    assert first.returncode == 0, first.stdout[-3000:]
-    resumed = run_cli([*common, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'a'}"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    straight = run_cli([*common, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'b'}"])
+    # the uninterrupted run goes on meanwhile, on a second core where there is one: one thread each (the
+    # same in all three runs, so their sums round alike) and its own cache folder (the tiny tokenizer is
+    # written there)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight_proc = start_cli(
+        [
+            *common,
+            f"paths.cache_dir={tmp_path / 'cache_b'}",
+            "trainer.max_steps=8",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ],
+        env,
+    )
+    common.append(f"paths.cache_dir={cache_dir}")
+    try:
+        first = run_cli([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'a'}"], env=env)
+        assert first.returncode == 0, first.stdout[-3000:]
+        resumed = run_cli(
+            [*common, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'a'}"], env=env
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:]
+    except BaseException:  # the concurrent run is not left behind
+        if straight_proc.poll() is None:
+            os.killpg(straight_proc.pid, signal.SIGKILL)
+        raise
+    straight = finish_cli(straight_proc)
     assert straight.returncode == 0, straight.stdout[-3000:]
     for out in (first, resumed, straight):  # no misleading "last model of the previous fit" warnings
         assert "was called without a model" not in out.stdout and "no last checkpoint" not in out.stdout
