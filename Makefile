@@ -10,6 +10,9 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # index is used. TORCH_CPU_INDEX= (empty) always takes the default index.
 TORCH_CPU_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): one per core, at most 4 (each holds torch and tiny trainings: about
+# 2 GB); PYTEST_WORKERS=0 runs the suite in this process
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .DEFAULT_GOAL := help
 
@@ -30,11 +33,11 @@ $(VENV)/.install.stamp: setup.cfg pyproject.toml
 
 install: $(VENV)/.install.stamp ## create .venv when missing and install the package with its dev extras
 
-test: install ## run the test suite (tiny models, CPU)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install ## run the test suite (tiny models, CPU), one test process per core
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without the slow cases
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests bench

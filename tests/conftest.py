@@ -15,7 +15,10 @@ from addsr_pl.paths import config_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# torch threads: at most 2, and the cores shared among pytest-xdist's workers (`make test` runs one per
+# core), so two workers on two cores do not each split their kernels over both
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
 def compose_train(tmp_path, overrides: list[str] | None = None, cache_dir=None) -> DictConfig:
