@@ -23,11 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from train_step import CROP, PRESETS, IterationTimer, RandomPairs, compose_preset
 
 from addsr_pl.method.distributed import PartsDDPStrategy
+from addsr_pl.method.lever_probe import training_only_trainer
 from addsr_pl.method.module import AddSRModule
 
 # conf/trainer/ddp.yaml's bucket size
@@ -51,18 +51,12 @@ def worker(args) -> None:
         if args.devices > 1
         else "auto"
     )
-    trainer = pl.Trainer(
+    trainer = training_only_trainer(
+        total,
         accelerator="cpu" if device.type == "cpu" else "gpu",
         devices=args.devices,
         strategy=strategy,
         precision="32-true" if device.type == "cpu" else "bf16-mixed",
-        max_steps=2 * total,  # a G and a D optimizer step per iteration
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[timer],
     )
     # the distributed sampler gives each rank its share of the samples

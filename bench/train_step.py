@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from addsr_pl.core.noise_schedule import noise_schedule_from
 from addsr_pl.core.sampler import upscale
 from addsr_pl.method.lever_plan import manual_choice
-from addsr_pl.method.lever_probe import NOT_PROBED, probe_and_choose, set_levers
+from addsr_pl.method.lever_probe import NOT_PROBED, probe_and_choose, set_levers, training_only_trainer
 from addsr_pl.method.losses import discriminator_hinge_loss, distillation_loss, generator_loss, ta_weights
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 from addsr_pl.method.module import AddSRModule
@@ -232,17 +232,10 @@ def fit_ours(module: AddSRModule, batch: int, crop: int, device, timer: Iteratio
     accumulate = timer.accumulate
     module.method["accumulate_grad_batches"] = accumulate
     total = iterations * accumulate
-    trainer = pl.Trainer(
+    trainer = training_only_trainer(
+        iterations,
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=2 * total // accumulate,  # a G and a D optimiser step per iteration
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[timer],
     )
     loader = torch.utils.data.DataLoader(

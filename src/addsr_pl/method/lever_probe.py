@@ -58,6 +58,27 @@ class RandomPairs(torch.utils.data.Dataset):
         return {"hr": hr, "lr": hr[:, :: self.scale, :: self.scale].contiguous()}
 
 
+def training_only_trainer(iterations: int, *, accelerator: str, precision: str, callbacks: list,
+                          devices: int = 1, strategy="auto") -> pl.Trainer:  # fmt: skip
+    """A Trainer that trains `iterations` optimizer steps of the student (each with its discriminator
+    step) and nothing else: no logger, checkpoint, progress bar, summary or validation. The probe's and
+    the benches' measurements run under it."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        max_steps=2 * iterations,  # Lightning counts the student's and the discriminator's steps
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+
 class StepTimer(pl.Callback):
     """Seconds of each training step after the first `warmup`, the device drained around each."""
 
@@ -123,19 +144,7 @@ def measure(
     release()
     timer = StepTimer(probe["warmup"])
     steps = probe["warmup"] + probe["iterations"]
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        max_steps=2 * steps,  # a student and a discriminator step per iteration
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    trainer = training_only_trainer(steps, accelerator="gpu", precision=precision, callbacks=[timer])
     loader = torch.utils.data.DataLoader(
         RandomPairs(micro_batch * steps, crop, scale), batch_size=micro_batch
     )
