@@ -70,14 +70,29 @@ def test_upscale_defaults_pass_and_bad_values_are_named():
         check_schema(settings, "upscale")
 
 
-def test_the_training_command_answers_a_wrong_value_with_one_line_and_exit_code_2(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.psr=flase"], "method.psr = 'flase': must be true or false (did you mean false?)"),
+        (  # checked against the other settings: the lever plan's micro-batch
+            ["data.batch_size=4", "method.memory.micro_batch=3"],
+            "method.memory.micro_batch = 3: must divide the effective batch "
+            "data.batch_size x method.accumulate_grad_batches = 4 ([1, 2, 4]), or be auto",
+        ),
+    ],
+    ids=["psr", "micro_batch"],
+)
+def test_the_training_command_answers_a_wrong_value_with_one_line_and_exit_code_2(
+    tmp_path, overrides, message
+):
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "addsr_pl.train",
             "model=tiny",
-            "method.psr=flase",
+            "trainer=cpu",
+            *overrides,
             f"hydra.run.dir={tmp_path}",
         ],
         capture_output=True,
@@ -85,8 +100,5 @@ def test_the_training_command_answers_a_wrong_value_with_one_line_and_exit_code_
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert (
-        "addsr-pl train: error: method.psr = 'flase': must be true or false (did you mean false?)"
-        in done.stderr
-    )
+    assert f"addsr-pl train: error: {message}" in done.stderr
     assert "Traceback" not in done.stderr
