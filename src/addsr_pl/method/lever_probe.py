@@ -39,6 +39,7 @@ from addsr_pl.method.lever_plan import (
     manual_choice,
     probe_micro_batches,
 )
+from addsr_pl.method.memory import switch_gradient_checkpointing
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
 
 log = logging.getLogger(__name__)
@@ -112,16 +113,9 @@ def quiet():
 
 
 def set_levers(module, levers: dict) -> None:
-    """Put `levers` in force on a built module: checkpointing switched per network (a lossless codec has
-    no activations to recompute), the decode chunk read by `teacher_targets` at run time."""
-    switched = [(net, levers["gradient_checkpointing"]) for net in module.student.networks().values()]
-    if not module.codec.lossless:
-        switched.append((module.codec.vae, levers["vae_gradient_checkpointing"]))
-    for network, on in switched:
-        if on:
-            network.enable_gradient_checkpointing()
-        else:
-            network.disable_gradient_checkpointing()
+    """Put `levers` in force on a built module: checkpointing switched per network as the module's build
+    does, the decode chunk read by `teacher_targets` at run time."""
+    switch_gradient_checkpointing(module.student.networks().values(), module.codec, levers)
     module.method["memory"] |= {k: levers[k] for k in PLAN_LEVERS}
 
 

@@ -65,10 +65,18 @@ def shared_parameters(a: nn.Module, b: nn.Module) -> list[str]:
     return [name for name, p in a.named_parameters() if id(p) in in_b]
 
 
-def enable_gradient_checkpointing(*models: nn.Module) -> None:
-    """diffusers' own activation checkpointing (ResNet and transformer blocks are recomputed in backward)."""
-    for model in models:
-        model.enable_gradient_checkpointing()
+def switch_gradient_checkpointing(student_networks, codec, levers: dict) -> None:
+    """diffusers' own activation checkpointing (ResNet and transformer blocks are recomputed in backward),
+    on or off by the levers: the student's networks by `gradient_checkpointing`, the VAE by
+    `vae_gradient_checkpointing` (a lossless codec has no activations to recompute)."""
+    switched = [(network, levers["gradient_checkpointing"]) for network in student_networks]
+    if not codec.lossless:
+        switched.append((codec.vae, levers["vae_gradient_checkpointing"]))
+    for network, on in switched:
+        if on:
+            network.enable_gradient_checkpointing()
+        else:
+            network.disable_gradient_checkpointing()
 
 
 def decode_in_chunks(codec, latents: Tensor, chunk: int | None) -> Tensor:

@@ -32,8 +32,8 @@ from addsr_pl.method.memory import (
     check_memory_config,
     copy_sharing_frozen,
     decode_in_chunks,
-    enable_gradient_checkpointing,
     optimizer_options,
+    switch_gradient_checkpointing,
 )
 from addsr_pl.method.memory_plan import report_memory_plan
 from addsr_pl.method.nonfinite import NonFiniteGuard, step_alone, step_apart
@@ -135,11 +135,7 @@ class AddSRModule(TrainedStateCheckpoint, pl.LightningModule):
         for frozen in (self.teacher, self.codec, self.conditioner):
             frozen.requires_grad_(False).eval()
         self.backbone.select_trainable(student_networks, method["trainable"], method["lora"])
-        if memory["gradient_checkpointing"]:
-            enable_gradient_checkpointing(*student_networks.values())
-        # a lossless codec has no activations to recompute
-        if memory["vae_gradient_checkpointing"] and not self.codec.lossless:
-            enable_gradient_checkpointing(self.codec.vae)
+        switch_gradient_checkpointing(student_networks.values(), self.codec, memory)
         self.ema = EMA(
             dict(self.student_trainable()), method["ema_decay"], memory["ema_placement"], memory["ema_dtype"]
         )
