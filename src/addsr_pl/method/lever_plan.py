@@ -44,6 +44,11 @@ def with_manual_levers(method: dict) -> dict:
     return method | {"memory": manual_levers(method["memory"])}
 
 
+def set_by_user(memory: dict) -> list[str]:
+    """The plan's keys the user set (anything but `auto`): never changed by the plan."""
+    return [key for key in (*PLAN_LEVERS, MICRO_BATCH) if memory[key] != AUTO]
+
+
 def divisors(n: int) -> list[int]:
     return [b for b in range(1, n + 1) if n % b == 0]
 
@@ -267,9 +272,9 @@ def explain(levers: dict, b: int, groups: dict, budget: float, set_by_user: list
 def manual_choice(memory: dict, batch_size: int, accumulate: int, mode: str) -> LeverChoice:
     """The configured values (`manual` for each lever left auto; the micro-batch as set, else the batch)."""
     levers = {k: manual_levers(memory)[k] for k in PLAN_LEVERS}
-    set_by_user = [k for k in (*PLAN_LEVERS, MICRO_BATCH) if memory[k] != AUTO]
+    user = set_by_user(memory)
     effective = effective_batch(batch_size, accumulate)
     b = batch_size if memory[MICRO_BATCH] == AUTO else int(memory[MICRO_BATCH])
-    reasons = {k: "set by you" if k in set_by_user else "method.memory.manual" for k in PLAN_LEVERS}
-    reasons["micro-batch x accumulation"] = "set by you" if MICRO_BATCH in set_by_user else "as configured"
-    return LeverChoice(levers, b, effective // b, None, None, None, None, set_by_user, reasons, mode)
+    reasons = {k: "set by you" if k in user else "method.memory.manual" for k in PLAN_LEVERS}
+    reasons["micro-batch x accumulation"] = "set by you" if MICRO_BATCH in user else "as configured"
+    return LeverChoice(levers, b, effective // b, None, None, None, None, user, reasons, mode)

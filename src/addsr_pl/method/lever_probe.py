@@ -38,6 +38,7 @@ from addsr_pl.method.lever_plan import (
     lever_candidates,
     manual_choice,
     probe_micro_batches,
+    set_by_user,
 )
 from addsr_pl.method.memory import switch_gradient_checkpointing
 from addsr_pl.method.memory_plan import GIB, module_memory_plan
@@ -165,7 +166,6 @@ def probe_and_choose(
 ) -> LeverChoice:
     """Measure every lever candidate at the probe's micro-batches, choose, and measure the choice itself
     where it was only predicted (choosing again if it does not fit)."""
-    set_by_user = [k for k in (*PLAN_LEVERS, MICRO_BATCH) if memory[k] != AUTO]
     probe = memory["probe"]
     measurements = []
     for levers in lever_candidates(memory):
@@ -183,7 +183,7 @@ def probe_and_choose(
             probe["margin_gib"],
             effective,
             memory[MICRO_BATCH],
-            set_by_user,
+            set_by_user(memory),
         )
         done = {(m.key, m.micro_batch) for m in measurements}
         key = tuple(choice.levers[k] for k in PLAN_LEVERS)
