@@ -11,9 +11,9 @@
 * Every checkpoint carries the run's resolved config; on resume the `method`, `model`, `data`,
   `conditioning` and `seed` of the new config must equal it, except keys under `resume.allow_changes`
   and keys whose value comes from `paths.*` (folders of weights and caches may move); `method.speed` and
-  the memory plan's levers are never compared (how fast and in how much memory, not what is computed). Allowed changes of optimizer hyper-parameters are
-  applied over the restored optimizer state. An unknown key in `resume.allow_changes` is refused, naming
-  the closest known one.
+  the memory plan's levers are never compared (how fast and in how much memory, not what is computed).
+  Allowed changes of optimizer hyper-parameters are applied over the restored optimizer state. An unknown
+  key in `resume.allow_changes` is refused, naming the closest known one.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from addsr_pl.method.lever_plan import PLAN_LEVERS
+from addsr_pl.method.memory_plan import PLAN_SETTINGS
+
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "addsr_config"
@@ -42,11 +45,7 @@ NOT_COMPARED = (
     "method.speed",
     "method.memory.compile_student",
     "method.memory.compile_options",
-    *(f"method.memory.{key}" for key in ("plan", "memory_cap", "micro_batch", "manual", "probe")),
-    *(
-        f"method.memory.{key}"
-        for key in ("gradient_checkpointing", "vae_gradient_checkpointing", "teacher_decode_chunk")
-    ),
+    *(f"method.memory.{key}" for key in (*PLAN_SETTINGS, *PLAN_LEVERS)),
 )
 # Restored from the checkpoint whatever the config says: refused even when allowed.
 RESTORED_STATE = ("method.lr_scheduler", "method.optimizer_g._target_", "method.optimizer_d._target_")
