@@ -36,6 +36,17 @@ def _per_sample(values: Tensor, ndim: int) -> Tensor:
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
+def position_in_decreasing(values: Tensor, table: Tensor, first: int = 0) -> Tensor:
+    """Where `values` fall in `table` (n >= 2 entries, strictly decreasing) as a continuous position:
+    `first + i` at `table[i]`, linear between entries, clamped to [first, first + n - 1]."""
+    n = len(table)
+    ascending = table.flip(0)  # ascending[j] is table[n - 1 - j]
+    right = torch.searchsorted(ascending, values).clamp(1, n - 1)
+    low, high = ascending[right - 1], ascending[right]
+    frac = ((values - low) / (high - low)).clamp(0, 1)
+    return (first + n - 1 - (right - 1)) - frac  # position of ascending[right - 1], less the way to the next
+
+
 def ddpm_student_timesteps(n: int, num_train_timesteps: int) -> list[int]:
     """n timesteps evenly spaced down from T - 1: AddSR's [999, 749, 499, 249] for n = 4, T = 1000."""
     return [num_train_timesteps - 1 - (i * num_train_timesteps) // n for i in range(n)]
@@ -249,12 +260,7 @@ class RectifiedFlowSchedule(NoiseSchedule):
         sigma = sigma / (self.shift - (self.shift - 1) * sigma)  # time_shift's inverse
         alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
         table = self.reference_alphas_cumprod.to(t.device, torch.float64)  # decreasing in t
-        ascending = table.flip(0)
-        right = torch.searchsorted(ascending, alpha_bar).clamp(1, len(table) - 1)
-        a_low, a_high = ascending[right - 1], ascending[right]
-        frac = ((alpha_bar - a_low) / (a_high - a_low)).clamp(0, 1)
-        # ascending[i] is alpha_bar at t = T - 1 - i
-        return (len(table) - 1 - (right - 1)) - frac
+        return position_in_decreasing(alpha_bar, table)
 
     def student_timesteps(self, n: int) -> list[float]:
         """The DDPM defaults (`ddpm_student_timesteps` of the reference schedule) at equal SNR, shifted by

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from addsr_pl.core.noise_schedule import position_in_decreasing
+
 TA_SCHEDULES = ("exponential", "linear", "none")
 TA_INDEXING = ("graded", "official")
 # step: gamma per student step index (the paper's); continuous: gamma(t) of the graded step's timestep
@@ -66,22 +68,12 @@ def ta_continuous(
     """
     if len(weights) == 1:
         return weights.expand(t.shape).clone()
-    position = _step_position(t.double(), student_timesteps.double())
+    position = position_in_decreasing(t.double(), student_timesteps.double(), first=1)
     if schedule == "exponential":
         return (exponential["base"] * exponential["ratio"] ** (position - 1)).to(weights.dtype)
     low = position.floor().long().clamp(1, len(weights) - 1)  # the step at or before s (1-based)
     frac = (position - low).to(weights.dtype)
     return weights[low - 1] + (weights[low] - weights[low - 1]) * frac
-
-
-def _step_position(t: Tensor, nodes: Tensor) -> Tensor:
-    """s(t) in [1, n]: s at the node t_s (n >= 2 nodes, strictly decreasing), linear in t between nodes."""
-    n = len(nodes)
-    ascending = nodes.flip(0)  # t_n < ... < t_1, at positions n, ..., 1
-    right = torch.searchsorted(ascending, t).clamp(1, n - 1)
-    t_left, t_right = ascending[right - 1], ascending[right]
-    frac = ((t - t_left) / (t_right - t_left)).clamp(0, 1)
-    return (n - (right - 1)) - frac  # position n - (right - 1) at t_left, one less at t_right
 
 
 def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, c_t: Tensor) -> Tensor:
