@@ -144,11 +144,7 @@ class CompileCache:
 
     def graphs(self) -> dict:
         """signature -> {"seconds": first compile} of what this entry holds."""
-        path = self.folder / GRAPHS
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _read(self.folder / GRAPHS)
 
     def estimate(self) -> float:
         """A first compile's seconds: the longest recorded on this machine for this device, else the setting."""
