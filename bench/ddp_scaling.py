@@ -24,10 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from train_step import CROP, PRESETS, IterationTimer, RandomPairs, compose_preset
+from train_step import CROP, PRESETS, IterationTimer, compose_preset, fit_ours
 
 from addsr_pl.method.distributed import PartsDDPStrategy
-from addsr_pl.method.lever_probe import training_only_trainer
 from addsr_pl.method.module import AddSRModule
 
 # conf/trainer/ddp.yaml's bucket size
@@ -51,20 +50,8 @@ def worker(args) -> None:
         if args.devices > 1
         else "auto"
     )
-    trainer = training_only_trainer(
-        total,
-        accelerator="cpu" if device.type == "cpu" else "gpu",
-        devices=args.devices,
-        strategy=strategy,
-        precision="32-true" if device.type == "cpu" else "bf16-mixed",
-        callbacks=[timer],
-    )
-    # the distributed sampler gives each rank its share of the samples
-    loader = torch.utils.data.DataLoader(
-        RandomPairs(args.batch * total * args.devices, crop), batch_size=args.batch
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    if trainer.is_global_zero:
+    fit_ours(module, args.batch, crop, device, timer, total, args.devices, strategy)
+    if module.global_rank == 0:
         ms = statistics.median(timer.times) * 1000
         result = {
             "devices": args.devices,
@@ -97,8 +84,9 @@ def main() -> None:
         return
     devices = args.devices or (2 if args.tiny else torch.cuda.device_count())
     if devices < 2:
-        print(f"{devices} device(s): scaling needs at least 2", flush=True)
-        result = {"skipped": f"{devices} device(s): scaling needs at least 2"}
+        skipped = f"{devices} device(s): scaling needs at least 2"
+        print(skipped, flush=True)
+        result = {"skipped": skipped}
     else:
         runs = {}
         with tempfile.TemporaryDirectory() as folder:

@@ -227,19 +227,32 @@ def run_ours(
     return timer.times, flops, time.perf_counter() - start - sum(timer.times)
 
 
-def fit_ours(module: AddSRModule, batch: int, crop: int, device, timer: IterationTimer, iterations: int):
-    """`iterations` iterations of ours (each `timer.accumulate` micro-batches of `batch`) under `timer`."""
+def fit_ours(
+    module: AddSRModule,
+    batch: int,
+    crop: int,
+    device,
+    timer: IterationTimer,
+    iterations: int,
+    devices: int = 1,
+    strategy="auto",
+):
+    """`iterations` iterations of ours (each `timer.accumulate` micro-batches of `batch`, on each of
+    `devices` under `strategy`) under `timer`."""
     accumulate = timer.accumulate
     module.method["accumulate_grad_batches"] = accumulate
     total = iterations * accumulate
     trainer = training_only_trainer(
         iterations,
         accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=devices,
+        strategy=strategy,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
         callbacks=[timer],
     )
+    # the distributed sampler gives each device its share of the samples
     loader = torch.utils.data.DataLoader(
-        RandomPairs(batch * total, crop), batch_size=batch, pin_memory=device.type == "cuda"
+        RandomPairs(batch * total * devices, crop), batch_size=batch, pin_memory=device.type == "cuda"
     )
     trainer.fit(module, train_dataloaders=loader)
     return timer
