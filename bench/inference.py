@@ -53,6 +53,7 @@ from addsr_pl.models.conditioning import Conditioner
 from addsr_pl.models.psr_decoder import PsrDecoder, build_tiny_autoencoder
 from addsr_pl.models.vae import VaeCodec
 from addsr_pl.paths import config_dir
+from addsr_pl.upscale import defaults
 
 # model name -> (model preset, conditioning preset); the tiny ones are the CPU smoke run's.
 MODELS = {
@@ -371,7 +372,7 @@ def bench_model(name: str, args, device: torch.device, result: dict, save: Calla
 
 def tiled_peak(pipeline: AddSRPipeline, args, device: torch.device) -> dict:
     """Peak memory and seconds of one tiled upscale of a random --tiled-lr² LR (conf/upscale.yaml tiling)."""
-    settings = OmegaConf.to_container(OmegaConf.load(config_dir() / "upscale.yaml"), resolve=True)
+    settings = defaults()
     settings |= {"steps": args.tiled_steps, "color_fix": "none"}
     if args.tiled_tile is not None:
         vae_tile = args.tiled_tile * pipeline.codec.scale_factor
@@ -399,7 +400,7 @@ def throughput(pipeline: AddSRPipeline, args, device: torch.device) -> dict:
     from PIL import Image
 
     batch, count, steps = args.folder_batch, args.folder_images, args.steps[-1]
-    settings = OmegaConf.to_container(OmegaConf.load(config_dir() / "upscale.yaml"), resolve=True)
+    settings = defaults()
     settings |= {"steps": steps, "batch_size": batch}
     rng = np.random.default_rng(2)
     with tempfile.TemporaryDirectory() as folder:

@@ -173,9 +173,9 @@ def run_document(doc: Path, runnable: list[tuple[int, str]], folder: Path) -> st
 def test_documented_commands_run_as_written(tmp_path):
     """The documents at once, each in its own thread and copy (a command is a process: on another core
     where there is one), each document's commands in order."""
-    plans = {}
+    plans, extracted = {}, all_commands()
     for doc in DOCS:
-        found = [(line, command, reason) for d, line, command, reason in all_commands() if d == doc]
+        found = [(line, command, reason) for d, line, command, reason in extracted if d == doc]
         skipped = [f"  {doc.name}:{line}: [{reason}] {command}" for line, command, reason in found if reason]
         print(f"\n{doc.name}: {len(found) - len(skipped)} run, {len(skipped)} skipped", *skipped, sep="\n")
         runnable = [(line, command) for line, command, reason in found if not reason]
