@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config
 
 # (subfolder, file that must exist in it) for every SD2 component we read.
 SD2_LAYOUT = {
@@ -244,6 +244,31 @@ def character_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
     )
 
 
+def tiny_clip_config(tokenizer: CLIPTokenizer, max_length: int, config: dict) -> CLIPTextConfig:
+    """A CLIP text encoder's config for the character tokenizer: its vocabulary size (unless `config`
+    sets the public one), special tokens and `max_length` positions, under `config`."""
+    base = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max_length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return CLIPTextConfig(**base | config)
+
+
+def tiny_t5_config(tokenizer: CLIPTokenizer, config: dict) -> T5Config:
+    """A T5 encoder's config for the character tokenizer (vocabulary size unless `config` sets it, padding
+    and end tokens, decoding from the pad token), under `config`."""
+    base = {
+        "vocab_size": len(tokenizer),
+        "decoder_start_token_id": tokenizer.pad_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return T5Config(**base | config)
+
+
 def build_tiny_components(
     unet: dict,
     controlnet: dict,
@@ -272,14 +297,7 @@ def build_tiny_components(
     """
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **text_encoder,
-    )
+    text_config = tiny_clip_config(tokenizer, tokenizer_max_length, text_encoder)
     if image_cross_attention_dim:
         from addsr_pl.models.seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 

@@ -29,10 +29,8 @@ from diffusers import (
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
 )
 
@@ -51,6 +49,8 @@ from addsr_pl.models.diffusion import (
     character_tokenizer,
     load_teacher_network,
     require_folder,
+    tiny_clip_config,
+    tiny_t5_config,
 )
 
 # component -> (subfolder, file that must exist in it) of a diffusers FLUX.1 folder
@@ -347,7 +347,6 @@ def build_tiny_flux_components(
     """
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
-    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     transformer_model = FluxTransformer2DModel(**transformer)
     controlnet = _controlnet_from(transformer_model, controlnet_layers, controlnet_single_layers)
     if zero_conv_std > 0:
@@ -360,21 +359,8 @@ def build_tiny_flux_components(
         vae=AutoencoderKL(**vae),
         # a text encoder's `vocab_size` defaults to the character tokenizer's (a real-size preset keeps
         # the public vocabulary's, so that its parameter count is the public model's)
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                **{"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer_max_length}
-                | {"bos_token_id": tokenizer.bos_token_id}
-                | special
-                | clip_text_encoder
-            )
-        ),
-        text_encoder_2=T5EncoderModel(
-            T5Config(
-                **{"vocab_size": len(tokenizer), "decoder_start_token_id": tokenizer.pad_token_id}
-                | special
-                | t5_text_encoder
-            )
-        ),
+        text_encoder=CLIPTextModel(tiny_clip_config(tokenizer, tokenizer_max_length, clip_text_encoder)),
+        text_encoder_2=T5EncoderModel(tiny_t5_config(tokenizer, t5_text_encoder)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -30,17 +30,21 @@ from diffusers.configuration_utils import FrozenDict
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
-    CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
 )
 
 from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
 from addsr_pl.models.backbones import Backbone
 from addsr_pl.models.conditioning import Conditioner, Conditioning, PromptEncoder, prompt_options, tokenize
-from addsr_pl.models.diffusion import character_tokenizer, load_teacher_network, require_folder
+from addsr_pl.models.diffusion import (
+    character_tokenizer,
+    load_teacher_network,
+    require_folder,
+    tiny_clip_config,
+    tiny_t5_config,
+)
 
 # component -> (subfolder, file that must exist in it) of a diffusers SD3 / SD3.5 folder
 SD3_LAYOUT = {
@@ -336,10 +340,8 @@ def build_tiny_sd3_components(
     """
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
-    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    base = {"vocab_size": len(tokenizer), "max_position_embeddings": tokenizer_max_length} | special
     clip_configs = [
-        CLIPTextConfig(**base | {"bos_token_id": tokenizer.bos_token_id} | config)
+        tiny_clip_config(tokenizer, tokenizer_max_length, config)
         for config in (clip_text_encoder, clip_text_encoder_2 or clip_text_encoder)
     ]
     transformer_model = SD3Transformer2DModel(**transformer)
@@ -353,13 +355,7 @@ def build_tiny_sd3_components(
         vae=AutoencoderKL(**vae),
         text_encoder=CLIPTextModelWithProjection(clip_configs[0]),
         text_encoder_2=CLIPTextModelWithProjection(clip_configs[1]),
-        text_encoder_3=T5EncoderModel(
-            T5Config(
-                **{"vocab_size": len(tokenizer), "decoder_start_token_id": tokenizer.pad_token_id}
-                | special
-                | t5_text_encoder
-            )
-        ),
+        text_encoder_3=T5EncoderModel(tiny_t5_config(tokenizer, t5_text_encoder)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         tokenizer_3=tokenizer,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from addsr_pl.core.noise_schedule import NoiseSchedule, noise_schedule_from
 from addsr_pl.core.sampler import Denoiser
@@ -28,6 +28,7 @@ from addsr_pl.models.diffusion import (
     character_tokenizer,
     load_teacher_network,
     require_folder,
+    tiny_clip_config,
 )
 from addsr_pl.models.trainable import official_modules
 
@@ -203,15 +204,9 @@ def build_tiny_sdxl_components(
     `zero_conv_std` as in `models.diffusion.build_tiny_components`."""
     torch.manual_seed(init_seed)
     tokenizer = character_tokenizer(Path(cache_dir).expanduser() / "tiny_tokenizer", tokenizer_max_length)
-    base = {
-        "vocab_size": len(tokenizer),
-        "max_position_embeddings": tokenizer_max_length,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
     text_configs = [
-        CLIPTextConfig(**base | config) for config in (text_encoder, text_encoder_2 or text_encoder)
+        tiny_clip_config(tokenizer, tokenizer_max_length, config)
+        for config in (text_encoder, text_encoder_2 or text_encoder)
     ]
     unet_model = UNet2DConditionModel(**unet)
     controlnet_model = ControlNetModel.from_unet(unet_model, **controlnet)
